@@ -1,0 +1,42 @@
+"""The `sdstream` command. One module per command group; nothing here imports torch."""
+
+from __future__ import annotations
+
+import typer
+
+from .. import __version__
+
+app = typer.Typer(
+    name="sdstream",
+    help="Record the denoising process of Stable Diffusion: a picture of every step, on disk.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sdstream {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Record the denoising process of Stable Diffusion: a picture of every step, on disk.
+
+    Exit codes: 0 success, 1 runtime failure, 2 bad usage or input, 130 interrupted (143 on SIGTERM).
+    """
+
+
+from . import generate, info, look  # noqa: E402  (each registers its commands on app)
+
+for _group in (generate, info, look):
+    _group.register(app)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,137 @@
+"""`sdstream generate`: one run into one folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import ProgressSink, handle_errors, json_sink, stderr
+
+G_PROMPT, G_MODEL, G_IMAGE, G_MASK, G_OUT, G_DEVICE = (
+    "Prompt",
+    "Model",
+    "Start from a picture",
+    "Noise injection",
+    "Output",
+    "Device",
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate", no_args_is_help=False)(generate)
+
+
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to draw.", rich_help_panel=G_PROMPT)] = "",
+    negative_prompt: Annotated[
+        str, typer.Option(help="What to steer away from (the unconditional half of guidance).", rich_help_panel=G_PROMPT)
+    ] = "",
+    guidance: Annotated[
+        float, typer.Option(help="Classifier-free guidance scale; guidance is off at 1 or below.", rich_help_panel=G_PROMPT)
+    ] = 7.5,
+    model: Annotated[
+        Optional[str],
+        typer.Option(
+            "--model",
+            "-m",
+            help="Alias (aesthetic, alignment, compressibility, incompressibility, sd15, tiny), Hugging Face repo id, "
+            "or local diffusers folder. Default: $SDSTREAM_MODEL or compressibility.",
+            rich_help_panel=G_MODEL,
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps.", rich_help_panel=G_MODEL)] = 20,
+    scheduler: Annotated[
+        str,
+        typer.Option(help="ddim, euler, euler-a, dpm++-2m, dpm++-2m-karras, pndm, lms or unipc.", rich_help_panel=G_MODEL),
+    ] = "ddim",
+    width: Annotated[Optional[int], typer.Option(help="Width in pixels (default: the model's).", rich_help_panel=G_MODEL)] = None,
+    height: Annotated[Optional[int], typer.Option(help="Height in pixels (default: the model's).", rich_help_panel=G_MODEL)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (default: random, recorded in run.json).", rich_help_panel=G_MODEL)] = None,
+    init_image: Annotated[
+        Optional[Path], typer.Option(help="img2img: start from this picture.", rich_help_panel=G_IMAGE)
+    ] = None,
+    strength: Annotated[
+        Optional[float],
+        typer.Option(help="img2img strength, 0-1: how much of the schedule is re-run (default 0.75).", rich_help_panel=G_IMAGE),
+    ] = None,
+    start_image: Annotated[
+        Optional[Path], typer.Option(help="Encode this picture and denoise it from --start-step.", rich_help_panel=G_IMAGE)
+    ] = None,
+    start_step: Annotated[
+        Optional[int], typer.Option(help="The step (1..steps) at which --start-image enters.", rich_help_panel=G_IMAGE)
+    ] = None,
+    mask: Annotated[
+        Optional[str],
+        typer.Option(
+            help="circle, square, edges, corners, left-half, right-half, top-half, bottom-half, checkerboard, "
+            "or a grey-level image (white = full noise).",
+            rich_help_panel=G_MASK,
+        ),
+    ] = None,
+    inject_at_step: Annotated[
+        Optional[list[int]],
+        typer.Option(help="Step at which to inject noise; repeatable. Default with --mask: 30% into the run.", rich_help_panel=G_MASK),
+    ] = None,
+    noise_strength: Annotated[
+        float, typer.Option(help="Injected noise, 0-2, in units of the latent's noise level at that step.", rich_help_panel=G_MASK)
+    ] = 1.0,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Run folder (default: a new folder under ./outputs).", rich_help_panel=G_OUT)
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier run in --out.", rich_help_panel=G_OUT)] = False,
+    frames: Annotated[bool, typer.Option("--frames/--no-frames", help="Write a picture per step.", rich_help_panel=G_OUT)] = True,
+    frames_every: Annotated[int, typer.Option(help="Write every Nth step's frame (the last always).", rich_help_panel=G_OUT)] = 1,
+    frame_format: Annotated[str, typer.Option(help="png, jpg or webp.", rich_help_panel=G_OUT)] = "png",
+    json: Annotated[bool, typer.Option("--json", help="One JSON event per line on stdout.", rich_help_panel=G_OUT)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.", rich_help_panel=G_OUT)] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=G_DEVICE)] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (fp16 on CUDA, else fp32), fp32, fp16 or bf16.", rich_help_panel=G_DEVICE)] = "auto",
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.", rich_help_panel=G_DEVICE)] = False,
+) -> None:
+    """Generate one image and record every denoising step."""
+    from ..request import GenerationRequest
+
+    req = GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        model=model,
+        steps=steps,
+        guidance=guidance,
+        width=width,
+        height=height,
+        seed=seed,
+        scheduler=scheduler,
+        init_image=_str(init_image),
+        strength=strength,
+        start_image=_str(start_image),
+        start_step=start_step,
+        mask=mask,
+        inject_at_step=tuple(inject_at_step or ()),
+        noise_strength=noise_strength,
+        device=device,
+        dtype=dtype,
+        frames=frames,
+        frames_every=frames_every,
+        frame_format=frame_format,
+    )
+    execute(req, out, overwrite=overwrite, json=json, quiet=quiet, debug=debug)
+
+
+def execute(req, out: Optional[Path], *, overwrite: bool, json: bool, quiet: bool, debug: bool) -> None:
+    """Run REQ with the sinks the flags ask for; shared by every command that generates."""
+    from ..runner import run
+
+    with handle_errors(debug):
+        sinks = [json_sink] if json else []
+        if quiet:
+            result = run(req, out, overwrite=overwrite, sinks=tuple(sinks))
+        else:
+            with ProgressSink() as progress:
+                result = run(req, out, overwrite=overwrite, sinks=(progress, *sinks))
+            stderr.print(f"Wrote {result.run_dir}/ (final.png, frames/, run.json) · seed {result.seed}")
+
+
+def _str(path: Optional[Path]) -> Optional[str]:
+    return None if path is None else str(path)

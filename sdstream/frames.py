@@ -1,0 +1,163 @@
+"""Run folders: frames written off the loop's thread, the manifest, and the final image.
+
+Every file is written to a temporary name in its own folder and renamed into place, so a
+reader (or a crash) never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import tempfile
+import threading
+from datetime import datetime
+from pathlib import Path
+
+from .errors import BadInput, SdstreamError
+
+MANIFEST = "run.json"
+FINAL = "final.png"
+FRAMES = "frames"
+_OURS = re.compile(r"^(run\.json|final\.png|frames)$")
+_PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A filesystem-safe fragment of TEXT: lowercase ascii words joined by '-', bounded length."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return "-".join(words)[:limit].strip("-") or "run"
+
+
+def default_run_dir(prompt: str, seed: int, root: Path = Path("outputs")) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = root / f"{stamp}-{slug(prompt)}-{seed}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def check_run_dir(path: Path, overwrite: bool) -> None:
+    """Raise BadInput if PATH can't become a run folder. Runs before anything is loaded or written."""
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"--out {str(path)!r} is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise BadInput(f"--out {str(path)!r} is not empty; pass --overwrite or choose another folder")
+        foreign = [p.name for p in path.iterdir() if not _OURS.match(p.name)]
+        if foreign:
+            raise BadInput(
+                f"--out {str(path)!r} holds files sdstream did not write ({', '.join(sorted(foreign)[:3])}); "
+                "--overwrite only replaces earlier runs"
+            )
+    parent = path if path.exists() else _existing_parent(path)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"--out {str(path)!r}: {str(parent)!r} is not writable")
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def prepare_run_dir(path: Path, overwrite: bool) -> None:
+    check_run_dir(path, overwrite)
+    if path.is_dir() and overwrite:  # remove only what an earlier run wrote
+        for name in (MANIFEST, FINAL):
+            (path / name).unlink(missing_ok=True)
+        frames = path / FRAMES
+        if frames.is_dir():
+            for f in frames.iterdir():
+                f.unlink()
+            frames.rmdir()
+    (path / FRAMES).mkdir(parents=True, exist_ok=True)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(file_object) on a temp file next to PATH, then rename it over PATH."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_image(image, path: Path, fmt: str = "png", pnginfo=None) -> None:
+    kwargs = {"pnginfo": pnginfo} if pnginfo is not None else {}
+    if fmt in ("jpg", "webp"):
+        kwargs["quality"] = 90
+    atomic_write(path, lambda f: image.save(f, format=_PIL_FORMAT[fmt], **kwargs))
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+class FrameWriter:
+    """Encodes and writes frames on a background thread; the loop only hands over PIL images.
+
+    The queue is bounded so a slow disk applies back-pressure instead of filling memory. The
+    first write error is re-raised on the loop's thread at the next submit() or at close().
+    """
+
+    def __init__(self, folder: Path, fmt: str, depth: int = 8):
+        self.folder, self.fmt = folder, fmt
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="sdstream-frames", daemon=True)
+        self._thread.start()
+
+    def path_for(self, step: int) -> Path:
+        return self.folder / f"step-{step:04d}.{self.fmt}"
+
+    def submit(self, step: int, image) -> Path:
+        self._raise_if_failed()
+        path = self.path_for(step)
+        self._queue.put((path, image))
+        return path
+
+    def close(self) -> None:
+        """Wait until every submitted frame is on disk; raise the first write error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_if_failed()
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:  # after a failure, drain without writing
+                try:
+                    save_image(item[1], item[0], self.fmt)
+                except BaseException as e:
+                    self._error = e
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise SdstreamError(f"could not write frame: {self._error}") from self._error
+
+
+def a1111_parameters(req, width: int, height: int, model: str, sampler: str) -> str:
+    """The 'parameters' text chunk that A1111-compatible tools read from a PNG."""
+    lines = [req.prompt]
+    if req.negative_prompt:
+        lines.append(f"Negative prompt: {req.negative_prompt}")
+    fields = {
+        "Steps": req.steps,
+        "Sampler": sampler,
+        "CFG scale": f"{req.guidance:g}",
+        "Seed": req.seed,
+        "Size": f"{width}x{height}",
+        "Model": model,
+    }
+    if req.init_image:
+        fields["Denoising strength"] = f"{req.strength:g}"
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""Load Stable Diffusion pipelines once and keep them: by (source, device, dtype).
+
+Everything goes through StableDiffusionPipeline.from_pretrained: the embedded `tiny` model,
+a local folder and a Hugging Face repo differ only in where the folder comes from.
+Safety: safetensors preferred (diffusers falls back to torch.load with weights_only for
+.bin files), never trust_remote_code or custom pipelines, safety checker off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+from .errors import BadInput, SdstreamError
+from .registry import ModelSource
+
+_CACHE: dict[tuple[str, str, str], object] = {}
+_LOCK = threading.Lock()
+REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def quiet_libraries() -> None:
+    """Keep diffusers/transformers chatter (progress bars, import notices) off the user's terminal.
+
+    Call before the first import of diffusers: transformers logs some notices at import time.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
+def resolve_device(device: str) -> str:
+    """'auto' picks cuda, then mps, then cpu; an explicit device must exist."""
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BadInput(f"--device {device!r}: no CUDA GPU is available here; use --device cpu or auto")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise BadInput(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) (cuda:0…)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise BadInput("--device 'mps': Apple MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    """fp16 on CUDA, fp32 elsewhere, unless --dtype says otherwise."""
+    import torch
+
+    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return names[dtype]
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("float16", "fp16").replace(
+        "bfloat16", "bf16"
+    )
+
+
+def local_folder(source: ModelSource) -> Path:
+    """The folder to load for tiny and local sources (None for the hub)."""
+    if source.kind == "tiny":
+        from .tiny import tiny_path
+
+        return tiny_path()
+    path = Path(source.location)
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise BadInput(f"--model {source.name!r} is not a diffusers pipeline folder: model_index.json is missing")
+    try:
+        parts = json.loads(index.read_text())
+    except (OSError, ValueError) as e:
+        raise BadInput(f"--model {source.name!r}: model_index.json is unreadable ({e})") from None
+    missing = [p for p in REQUIRED_PARTS if p not in parts or not (path / p).is_dir()]
+    if missing:
+        raise BadInput(f"--model {source.name!r} is not a complete Stable Diffusion folder: missing {', '.join(missing)}")
+    return path
+
+
+def load_pipeline(source: ModelSource, device: str, dtype):
+    """The pipeline for SOURCE on DEVICE in DTYPE, loaded on first use and then reused."""
+    key = (f"{source.kind}:{source.location}", device, dtype_name(dtype))
+    with _LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = _load(source, device, dtype)
+        return _CACHE[key]
+
+
+def loaded_models() -> list[tuple[str, str, str]]:
+    return list(_CACHE)
+
+
+def _load(source: ModelSource, device: str, dtype):
+    from diffusers import StableDiffusionPipeline
+
+    where = str(local_folder(source)) if source.kind != "hub" else source.location
+    kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(where, **kwargs)
+    except Exception as e:  # classify hub failures into messages with a next step
+        raise _load_error(source, e) from e
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_error(source: ModelSource, e: Exception) -> SdstreamError:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    name = f"{source.name!r}" + (f" ({source.location})" if source.location != source.name else "")
+    if isinstance(e, GatedRepoError):
+        return SdstreamError(f"model {name} is gated: accept its licence on the Hub, then set HF_TOKEN")
+    if isinstance(e, RepositoryNotFoundError):
+        return BadInput(f"model {name} does not exist on the Hugging Face Hub (or is private: set HF_TOKEN)")
+    text = str(e)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if source.kind == "hub" and (offline or "connect" in text.lower() or "offline" in text.lower()):
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
+        return SdstreamError(
+            f"model {name} is not on disk and {why}",
+            hint="use --model tiny, a local diffusers folder, or download it once with network access",
+        )
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return SdstreamError(f"could not load model {name}: {first}")

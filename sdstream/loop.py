@@ -1,0 +1,161 @@
+"""The denoising loop: one generator of StepEvents that every front end consumes.
+
+It knows nothing about files, terminals or HTTP. For a plain text prompt it computes
+exactly what diffusers' StableDiffusionPipeline computes (same helpers, same order of
+random draws), and with an init image exactly what StableDiffusionImg2ImgPipeline does;
+the interventions (start at a later step, masked noise injection) are added around that.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+from diffusers.utils.torch_utils import randn_tensor
+
+from .errors import BadInput
+from .images import fit, open_image
+from .masks import mask_from_image, mask_tensor
+from .request import GenerationRequest
+from .schedulers import make_scheduler
+
+
+@dataclass
+class StepEvent:
+    step: int  # 1-based position in the full schedule
+    total_steps: int  # length of the full schedule
+    first_step: int  # where this run started (later than 1 for img2img / --start-step)
+    timestep: int
+    latents: torch.Tensor  # x_{t-1}, after the scheduler step
+    denoised: torch.Tensor  # the model's estimate of the clean latent x0 at this step
+    injected: bool
+    seconds: float
+
+    @property
+    def progress(self) -> float:
+        """Percent of this run's steps done."""
+        return 100.0 * (self.step - self.first_step + 1) / (self.total_steps - self.first_step + 1)
+
+
+def size_of(pipe, req: GenerationRequest) -> tuple[int, int]:
+    """(width, height): asked for, or the model's native size."""
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return req.width or native, req.height or native
+
+
+def schedule_length(pipe, req: GenerationRequest) -> int:
+    scheduler = make_scheduler(req.scheduler, pipe.scheduler.config)
+    scheduler.set_timesteps(req.steps, device="cpu")
+    return len(scheduler.timesteps)
+
+
+def check_against_model(pipe, req: GenerationRequest) -> None:
+    """The checks that need the model, raised before any output exists."""
+    factor = pipe.vae_scale_factor
+    for option, value in zip(("--width", "--height"), size_of(pipe, req)):
+        if value % factor:
+            raise BadInput(f"{option} {value} is not a multiple of {factor} (this model's VAE factor)")
+    total = schedule_length(pipe, req)
+    first = req.first_step(total)
+    for k in req.inject_steps(total):
+        if not first <= k <= total:
+            raise BadInput(f"--inject-at-step {k} is outside this run's steps: give a step from {first} to {total}")
+
+
+def denoise(pipe, req: GenerationRequest, *, cancelled=lambda: False) -> Iterator[StepEvent]:
+    """Run REQ (already validated) on PIPE, yielding one StepEvent per denoising step.
+
+    The final latents are those of the last event. `cancelled` is polled once per step.
+    """
+    device, dtype = pipe._execution_device, pipe.unet.dtype
+    width, height = size_of(pipe, req)
+    generator = torch.Generator("cpu").manual_seed(req.seed)  # CPU noise: a seed reproduces across devices
+    scheduler = make_scheduler(req.scheduler, pipe.scheduler.config)
+    guided = req.guidance > 1.0
+
+    with torch.inference_mode():
+        # 1. Prompt -> text embeddings; with guidance, [unconditional, conditional] in one batch.
+        cond, uncond = pipe.encode_prompt(req.prompt, device, 1, guided, req.negative_prompt or None)
+        embeddings = torch.cat([uncond, cond]) if guided else cond
+
+        # 2. The schedule; img2img and --start-step skip its first part (diffusers' img2img arithmetic).
+        scheduler.set_timesteps(req.steps, device=device)
+        total = len(scheduler.timesteps)
+        first = req.first_step(total)
+        timesteps = scheduler.timesteps[first - 1 :]
+        if first > 1 and hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(first - 1)
+
+        # 3. Initial latents: pure noise, or the encoded picture noised to the first timestep.
+        picture = req.init_image or req.start_image
+        if picture is None:
+            shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            latents = latents * scheduler.init_noise_sigma
+        else:
+            image = fit(open_image(picture, "--init-image" if req.init_image else "--start-image"), width, height)
+            pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(device=device, dtype=dtype)
+            clean = retrieve_latents(pipe.vae.encode(pixels), generator=generator) * pipe.vae.config.scaling_factor
+            noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=dtype)
+            latents = scheduler.add_noise(clean, noise, timesteps[:1])
+
+        # 4. Noise injection: where, when, and its own random stream so the rest of the run is unchanged.
+        inject_at = set(req.inject_steps(total))
+        mask = _mask(req, latents, device) if inject_at else None
+        step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
+
+    # 5. The loop. Timestep values are read once on the host: no per-step device sync for them.
+    for step, t, t_value in zip(range(first, total + 1), timesteps, timesteps.tolist()):
+        if cancelled():
+            raise KeyboardInterrupt
+        started = time.perf_counter()
+        with torch.inference_mode():
+            if step in inject_at:
+                latents = _inject(latents, mask, req, step, scheduler, t)
+
+            model_input = torch.cat([latents] * 2) if guided else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            noise_pred = pipe.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+            if guided:
+                noise_uncond, noise_text = noise_pred.chunk(2)
+                noise_pred = noise_uncond + req.guidance * (noise_text - noise_uncond)
+
+            out = scheduler.step(noise_pred, t, latents, **step_kwargs)
+            denoised = getattr(out, "pred_original_sample", None)
+            if denoised is None:  # DPM++, UniPC and PNDM don't return x0: compute it
+                denoised = _x0(scheduler, latents, noise_pred, t_value)
+            latents = out.prev_sample
+        yield StepEvent(step, total, first, int(t_value), latents, denoised, step in inject_at,
+                        time.perf_counter() - started)
+
+
+def _mask(req: GenerationRequest, latents: torch.Tensor, device) -> torch.Tensor:
+    h, w = latents.shape[-2:]
+    if req.mask_is_pattern:
+        return mask_tensor(req.mask, h, w, device=device, dtype=latents.dtype)
+    return mask_from_image(open_image(req.mask, "--mask"), h, w, device=device, dtype=latents.dtype)
+
+
+def _inject(latents, mask, req: GenerationRequest, step: int, scheduler, t) -> torch.Tensor:
+    """Add Gaussian noise where MASK is set, scaled to the latent's own noise level at t.
+
+    The unit is the latent's expected standard deviation: 1 for DDIM-like schedulers and
+    sqrt(sigma^2 + 1) for Euler-like ones, i.e. exactly what scale_model_input divides by.
+    So --noise-strength 1 adds as much noise as the latent already carries at that level.
+    """
+    gen = torch.Generator("cpu").manual_seed((req.seed * 1_000_003 + step) % 2**63)
+    noise = randn_tensor(latents.shape, generator=gen, device=latents.device, dtype=latents.dtype)
+    one = torch.ones((1, 1, 1, 1), device=latents.device, dtype=latents.dtype)
+    unit = one / scheduler.scale_model_input(one, t)
+    return latents + req.noise_strength * unit * mask * noise
+
+
+def _x0(scheduler, latents, model_output, t: int) -> torch.Tensor:
+    """The clean-latent estimate x0 on a variance-preserving latent, from the model's prediction."""
+    alpha = scheduler.alphas_cumprod[int(round(t))].to(device=latents.device, dtype=latents.dtype)
+    if scheduler.config.prediction_type == "v_prediction":
+        return alpha.sqrt() * latents - (1 - alpha).sqrt() * model_output
+    return (latents - (1 - alpha).sqrt() * model_output) / alpha.sqrt()

@@ -1,0 +1,139 @@
+"""The embedded `tiny` model: a real diffusers Stable Diffusion folder that sdstream builds itself.
+
+Nothing is downloaded. Fixed configs and a fixed seed give the same weights on every machine;
+the folder is written once to the cache (atomically) and then loaded like any other model.
+Random weights, small enough that a 20-step run takes a fraction of a second on a CPU:
+32x32 pictures by default, 16x16 latents (the VAE downsamples by 2).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+TINY_VERSION = "1"  # bump when the configs change, so caches rebuild
+SEED = 0
+MAX_LENGTH = 16  # token positions
+
+# Whole words get their own token; anything else falls back to single characters.
+WORDS = (
+    "a an the of on in with and background picture photo image "
+    "red green blue yellow white black orange purple pink grey brown "
+    "circle square triangle shape small large big left right top bottom centre center "
+    "fox snow cat dog tree house sky sea mountain"
+).split()
+
+
+def cache_root() -> Path:
+    base = os.environ.get("SDSTREAM_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sdstream"
+    )
+    return Path(base)
+
+
+def tiny_path() -> Path:
+    """The folder of the embedded model, built on first use."""
+    path = cache_root() / f"tiny-v{TINY_VERSION}"
+    if not (path / "model_index.json").is_file():
+        _build(path)
+    return path
+
+
+def _tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A small byte-level BPE vocabulary in CLIP's format: characters, then whole words."""
+    symbols = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab: dict[str, int] = {}
+    for s in symbols + [s + "</w>" for s in symbols]:
+        vocab.setdefault(s, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = parts[0]
+        for nxt in parts[1:]:
+            pair = (merged, nxt)
+            merged += nxt
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+                merges.append(pair)
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return vocab, merges
+
+
+def _build(path: Path) -> None:
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab, merges = _tokenizer_files()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=32,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(vocab),
+                hidden_size=32,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=MAX_LENGTH,
+                bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=vocab["<|endoftext|>"],
+                pad_token_id=vocab["<|endoftext|>"],
+            )
+        )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process finished first; theirs is identical
+            if not (path / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
