@@ -67,15 +67,18 @@ def _existing_parent(path: Path) -> Path:
 
 def prepare_run_dir(path: Path, overwrite: bool) -> None:
     check_run_dir(path, overwrite)
-    if path.is_dir() and overwrite:  # remove only what an earlier run wrote
-        for name in (MANIFEST, FINAL):
-            (path / name).unlink(missing_ok=True)
-        frames = path / FRAMES
-        if frames.is_dir():
-            for f in frames.iterdir():
-                f.unlink()
-            frames.rmdir()
-    (path / FRAMES).mkdir(parents=True, exist_ok=True)
+    try:
+        if path.is_dir() and overwrite:  # remove only what an earlier run wrote
+            for name in (MANIFEST, FINAL):
+                (path / name).unlink(missing_ok=True)
+            frames = path / FRAMES
+            if frames.is_dir():
+                for f in frames.iterdir():
+                    f.unlink()
+                frames.rmdir()
+        (path / FRAMES).mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. root ignores permission bits, so only trying tells
+        raise BadInput(f"--out {str(path)!r} cannot be written: {e.strerror or e}") from None
 
 
 def atomic_write(path: Path, write) -> None:

@@ -132,7 +132,8 @@ def _load_error(source: ModelSource, e: Exception) -> SdstreamError:
         return BadInput(f"model {name} does not exist on the Hugging Face Hub (or is private: set HF_TOKEN)")
     text = str(e)
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    if source.kind == "hub" and (offline or "connect" in text.lower() or "offline" in text.lower()):
+    unreachable = ("connect", "offline", "not fully cached", "cached snapshot", "local_files_only", "timed out")
+    if source.kind == "hub" and (offline or any(w in text.lower() for w in unreachable)):
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
         return SdstreamError(
             f"model {name} is not on disk and {why}",

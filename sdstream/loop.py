@@ -8,6 +8,7 @@ the interventions (start at a later step, masked noise injection) are added arou
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -105,7 +106,7 @@ def denoise(pipe, req: GenerationRequest, *, cancelled=lambda: False) -> Iterato
         # 4. Noise injection: where, when, and its own random stream so the rest of the run is unchanged.
         inject_at = set(req.inject_steps(total))
         mask = _mask(req, latents, device) if inject_at else None
-        step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
+        step_kwargs = _step_kwargs(scheduler, generator)
 
     # 5. The loop. Timestep values are read once on the host: no per-step device sync for them.
     for step, t, t_value in zip(range(first, total + 1), timesteps, timesteps.tolist()):
@@ -130,6 +131,12 @@ def denoise(pipe, req: GenerationRequest, *, cancelled=lambda: False) -> Iterato
             latents = out.prev_sample
         yield StepEvent(step, total, first, int(t_value), latents, denoised, step in inject_at,
                         time.perf_counter() - started)
+
+
+def _step_kwargs(scheduler, generator) -> dict:
+    """What diffusers' prepare_extra_step_kwargs passes, for our scheduler (not the pipeline's): eta=0, generator."""
+    accepted = inspect.signature(scheduler.step).parameters
+    return {k: v for k, v in (("eta", 0.0), ("generator", generator)) if k in accepted}
 
 
 def _mask(req: GenerationRequest, latents: torch.Tensor, device) -> torch.Tensor:

@@ -83,7 +83,7 @@ class ProgressSink:
             TextColumn("{task.fields[speed]}"),
             TimeRemainingColumn(),
             console=stderr,
-            transient=False,
+            transient=True,  # the summary line replaces it
         )
         self.task = None
 
