@@ -55,7 +55,7 @@ def test_masks_human_output_draws_each_pattern():
     r = sdstream_cli("masks")
     assert r.returncode == 0, r.stderr
     for name, (description, _) in PATTERNS.items():
-        assert name in r.stdout
+        assert name in r.stdout and description.split()[0] in r.stdout
     assert "█" in r.stdout
 
 
