@@ -25,6 +25,9 @@ def __getattr__(name):
 
         return run
     if name in ("denoise", "StepEvent"):
+        from .loader import quiet_libraries
+
+        quiet_libraries()  # before diffusers is first imported
         from . import loop
 
         return getattr(loop, name)
