@@ -392,9 +392,9 @@ def make_sheet(
     if columns is not None and columns < 1:
         raise BadInput(f"--columns {columns}: must be 1 or more")
     run = load_run(run_dir)
+    chosen = pick_steps(run, steps, count)
     out_path = Path(out) if out is not None else run.dir / "sheet.png"
     _check_target(out_path, overwrite)
-    chosen = pick_steps(run, steps, count)
     columns = columns or math.ceil(math.sqrt(len(chosen)))
 
     cells = [labelled(open_frame(f, size), frame_label(f)) for f in chosen]

@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
     app.command("show")(show)
 
 
-RunDir = Annotated[Path, typer.Argument(help="A run folder (holds run.json).", show_default=False)]
+RunDir = Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run folder (holds run.json).", show_default=False)]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 Json = Annotated[bool, typer.Option("--json", help="Print a JSON object on stdout.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing output file.")]
@@ -42,7 +42,8 @@ def animate(
     fps: Annotated[float, typer.Option(help="Frames per second (at most 50).")] = 10,
     every: Annotated[int, typer.Option(help="Use every Nth recorded frame (the last always).")] = 1,
     size: Annotated[
-        Optional[int], typer.Option(help="Scale the longer side to this many pixels (nearest-neighbour when enlarging).")
+        Optional[int],
+        typer.Option(help="Scale the longer side to this many pixels (nearest-neighbour when enlarging)."),
     ] = None,
     loop: Annotated[bool, typer.Option("--loop/--no-loop", help="Loop forever, or play once.")] = True,
     hold: Annotated[float, typer.Option(help="Seconds the last frame stays on screen beyond 1/fps.")] = 1.0,
@@ -97,7 +98,9 @@ def sheet(
 
 
 def compare(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run folders; each is compared to the first.")],
+    run_dirs: Annotated[
+        list[Path], typer.Argument(metavar="RUN_DIR", help="Two or more run folders; each is compared to the first.")
+    ],
     out: Annotated[
         Optional[Path], typer.Option("--out", "-o", help="Output folder (default: ./outputs/compare-<timestamp>).")
     ] = None,
@@ -175,12 +178,14 @@ def _summary(run):
     row("prompt", req.get("prompt"))
     row("negative", req.get("negative_prompt"))
     where = model.get("location")
-    row("model", f"{model.get('name')}" + (f" ({where})" if where and where != model.get("name") else ""))
+    if model.get("name"):
+        row("model", model["name"] + (f" ({where})" if where and where != model["name"] else ""))
     row("seed", m.get("seed"))
     row("scheduler", m.get("scheduler"))
     steps = m.get("total_steps") or req.get("steps")
     first = m.get("first_step")
-    row("steps", f"{steps}" + (f" (from step {first})" if first and first > 1 else ""))
+    if steps:
+        row("steps", f"{steps}" + (f" (from step {first})" if first and first > 1 else ""))
     row("guidance", req.get("guidance"))
     if m.get("width") and m.get("height"):
         row("size", f"{m['width']}x{m['height']}")
