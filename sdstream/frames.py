@@ -20,7 +20,9 @@ from .errors import BadInput, SdstreamError
 MANIFEST = "run.json"
 FINAL = "final.png"
 FRAMES = "frames"
-_OURS = re.compile(r"^(run\.json|final\.png|frames)$")
+_OURS = re.compile(r"^(run\.json|final\.png|frames|animation\.(gif|webp)|sheet\.png)$")  # what runs and `look` write
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 _PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 
 
@@ -69,7 +71,7 @@ def prepare_run_dir(path: Path, overwrite: bool) -> None:
     check_run_dir(path, overwrite)
     try:
         if path.is_dir() and overwrite:  # remove only what an earlier run wrote
-            for name in (MANIFEST, FINAL):
+            for name in (MANIFEST, FINAL, "animation.gif", "animation.webp", "sheet.png"):
                 (path / name).unlink(missing_ok=True)
             frames = path / FRAMES
             if frames.is_dir():
@@ -87,6 +89,7 @@ def atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the user's usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -121,10 +124,15 @@ class FrameWriter:
     def path_for(self, step: int) -> Path:
         return self.folder / f"step-{step:04d}.{self.fmt}"
 
-    def submit(self, step: int, image) -> Path:
+    def submit(self, step: int, picture, size: tuple[int, int] | None = None) -> Path:
+        """Queue PICTURE (a PIL image, or a uint8 (H, W, 3) tensor on any device) for step STEP.
+
+        A CUDA tensor is copied into pinned host memory without blocking the loop; the writer
+        thread waits for that copy alone. SIZE scales small previews up to the output size.
+        """
         self._raise_if_failed()
         path = self.path_for(step)
-        self._queue.put((path, image))
+        self._queue.put((path, _to_host(picture), size))
         return path
 
     def close(self) -> None:
@@ -137,14 +145,41 @@ class FrameWriter:
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             if self._error is None:  # after a failure, drain without writing
+                path, (picture, copied), size = item
                 try:
-                    save_image(item[1], item[0], self.fmt)
+                    save_image(_to_pil(picture, copied, size), path, self.fmt)
                 except BaseException as e:
                     self._error = e
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise SdstreamError(f"could not write frame: {self._error}") from self._error
+
+
+def _to_host(picture):
+    """(host picture, CUDA event marking the end of its copy or None)."""
+    if not hasattr(picture, "is_cuda"):  # already a PIL image
+        return picture, None
+    if not picture.is_cuda:
+        return picture.cpu(), None
+    import torch
+
+    host = torch.empty(picture.shape, dtype=picture.dtype, pin_memory=True)
+    host.copy_(picture, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
+
+
+def _to_pil(picture, copied, size):
+    from PIL import Image
+
+    if copied is not None:
+        copied.synchronize()
+    image = picture if isinstance(picture, Image.Image) else Image.fromarray(picture.numpy())
+    if size is not None and image.size != size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    return image
 
 
 def a1111_parameters(req, width: int, height: int, model: str, sampler: str) -> str:

@@ -24,6 +24,8 @@ _SCHEDULER_ALIASES = {
     "plms": "pndm",
 }
 FRAME_FORMATS = ("png", "jpg", "webp")
+PREVIEWS = ("approx", "vae", "taesd", "none")  # how frames are decoded (see preview.py)
+FRAME_SOURCES = ("x0", "latent")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 MAX_SEED = 2**64 - 1
@@ -59,8 +61,10 @@ class GenerationRequest:
     noise_strength: float = 1.0
     device: str = "auto"
     dtype: str = "auto"
+    preview: str = "approx"  # frame decoder; "none" writes no frames
+    frame_source: str = "x0"  # the model's clean estimate, or the noisy latent itself
+    taesd: str | None = None  # hub id or folder for --preview taesd
     frames_every: int = 1
-    frames: bool = True
     frame_format: str = "png"
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -104,6 +108,10 @@ class GenerationRequest:
         if self.dtype not in DTYPES:
             raise BadInput(f"--dtype {self.dtype!r} is not one of: {', '.join(DTYPES)}")
         _check_int("--frames-every", self.frames_every, 1, 10_000)
+        if self.preview not in PREVIEWS:
+            raise BadInput(f"--preview {self.preview!r} is not one of: {', '.join(PREVIEWS)}")
+        if self.frame_source not in FRAME_SOURCES:
+            raise BadInput(f"--frame-source {self.frame_source!r} is not one of: {', '.join(FRAME_SOURCES)}")
         if self.frame_format not in FRAME_FORMATS:
             raise BadInput(f"--frame-format {self.frame_format!r} is not one of: {', '.join(FRAME_FORMATS)}")
 

@@ -52,7 +52,7 @@ def run(
     quiet_libraries()
     from .loop import check_against_model, denoise, size_of
     from .loader import dtype_name, load_pipeline, resolve_device, resolve_dtype
-    from .preview import frame_image, vae_decode
+    from .preview import Previewer, vae_decode
     from .schedulers import SCHEDULERS
 
     emit({"event": "load", "model": source.name, "location": source.location})
@@ -62,6 +62,7 @@ def run(
     load_seconds = time.perf_counter() - t0
     check_against_model(pipe, req)
     width, height = size_of(pipe, req)
+    previewer = Previewer(pipe, req.preview, req.frame_source, req.taesd) if req.preview != "none" else None
 
     frames.prepare_run_dir(run_dir, overwrite)
     manifest_path, image_path = run_dir / frames.MANIFEST, run_dir / frames.FINAL
@@ -69,7 +70,7 @@ def run(
     manifest["timings"]["load"] = round(load_seconds, 4)
     frames.write_json(manifest_path, manifest)
 
-    writer = frames.FrameWriter(run_dir / frames.FRAMES, req.frame_format) if req.frames else None
+    writer = frames.FrameWriter(run_dir / frames.FRAMES, req.frame_format) if previewer else None
     run_started = time.perf_counter()
     try:
         latents = None
@@ -82,7 +83,7 @@ def run(
             latents = ev.latents
             frame = None
             if writer and ((ev.step - ev.first_step) % req.frames_every == 0 or ev.step == ev.total_steps):
-                frame = writer.submit(ev.step, frame_image(pipe, ev))
+                frame = writer.submit(ev.step, previewer(ev), (width, height))
                 manifest["frames"].append(
                     {"step": ev.step, "timestep": ev.timestep, "file": str(frame.relative_to(run_dir))}
                 )

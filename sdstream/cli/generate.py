@@ -81,9 +81,21 @@ def generate(
         Optional[Path], typer.Option("--out", "-o", help="Run folder (default: a new folder under ./outputs).", rich_help_panel=G_OUT)
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier run in --out.", rich_help_panel=G_OUT)] = False,
-    frames: Annotated[bool, typer.Option("--frames/--no-frames", help="Write a picture per step.", rich_help_panel=G_OUT)] = True,
+    preview: Annotated[
+        str,
+        typer.Option(help="Frame decoder: approx (about free), vae (full quality), taesd, none.", rich_help_panel=G_OUT),
+    ] = "approx",
+    frame_source: Annotated[
+        str, typer.Option(help="x0 (the model's clean estimate, legible) or latent (the noisy state).", rich_help_panel=G_OUT)
+    ] = "x0",
+    taesd: Annotated[
+        Optional[str], typer.Option(help="TAESD hub id or folder for --preview taesd (default madebyollin/taesd).", rich_help_panel=G_OUT)
+    ] = None,
+    frames: Annotated[bool, typer.Option("--frames/--no-frames", help="--no-frames is --preview none.", rich_help_panel=G_OUT)] = True,
     frames_every: Annotated[int, typer.Option(help="Write every Nth step's frame (the last always).", rich_help_panel=G_OUT)] = 1,
     frame_format: Annotated[str, typer.Option(help="png, jpg or webp.", rich_help_panel=G_OUT)] = "png",
+    gif: Annotated[bool, typer.Option("--gif", help="Also write animation.gif of the frames.", rich_help_panel=G_OUT)] = False,
+    webp: Annotated[bool, typer.Option("--webp", help="Also write animation.webp of the frames.", rich_help_panel=G_OUT)] = False,
     json: Annotated[bool, typer.Option("--json", help="One JSON event per line on stdout.", rich_help_panel=G_OUT)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.", rich_help_panel=G_OUT)] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=G_DEVICE)] = "auto",
@@ -112,18 +124,26 @@ def generate(
         noise_strength=noise_strength,
         device=device,
         dtype=dtype,
-        frames=frames,
+        preview=preview if frames else "none",
+        frame_source=frame_source,
+        taesd=taesd,
         frames_every=frames_every,
         frame_format=frame_format,
     )
-    execute(req, out, overwrite=overwrite, json=json, quiet=quiet, debug=debug)
+    animations = [fmt for fmt, wanted in (("gif", gif), ("webp", webp)) if wanted]
+    execute(req, out, overwrite=overwrite, json=json, quiet=quiet, debug=debug, animations=animations)
 
 
-def execute(req, out: Optional[Path], *, overwrite: bool, json: bool, quiet: bool, debug: bool) -> None:
+def execute(req, out: Optional[Path], *, overwrite: bool, json: bool, quiet: bool, debug: bool,
+            animations: list[str] = ()) -> None:
     """Run REQ with the sinks the flags ask for; shared by every command that generates."""
     from ..runner import run
 
     with handle_errors(debug):
+        if animations and req.preview == "none":
+            from ..errors import BadInput
+
+            raise BadInput(f"--{animations[0]} animates the frames, but --no-frames / --preview none writes none")
         sinks = [json_sink] if json else []
         if quiet:
             result = run(req, out, overwrite=overwrite, sinks=tuple(sinks))
@@ -131,6 +151,14 @@ def execute(req, out: Optional[Path], *, overwrite: bool, json: bool, quiet: boo
             with ProgressSink() as progress:
                 result = run(req, out, overwrite=overwrite, sinks=(progress, *sinks))
             stderr.print(f"Wrote {result.run_dir}/ (final.png, frames/, run.json) · seed {result.seed}")
+        for fmt in animations:
+            from ..look import make_animation
+
+            path = make_animation(result.run_dir, fmt, overwrite=True).path
+            if json:
+                json_sink({"event": "animation", "path": str(path)})
+            elif not quiet:
+                stderr.print(f"Wrote {path}")
 
 
 def _str(path: Optional[Path]) -> Optional[str]:
