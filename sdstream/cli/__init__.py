@@ -32,9 +32,9 @@ def _root(
     """
 
 
-from . import generate, info, look  # noqa: E402  (each registers its commands on app)
+from . import batch, generate, info, look, serve  # noqa: E402  (each registers its commands on app)
 
-for _group in (generate, info, look):
+for _group in (generate, batch, info, look, serve):
     _group.register(app)
 
 

@@ -103,39 +103,40 @@ def generate(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.", rich_help_panel=G_DEVICE)] = False,
 ) -> None:
     """Generate one image and record every denoising step."""
+    req, run_options = request_from(locals())
+    execute(req, **run_options)
+
+
+def request_from(params: dict):
+    """(GenerationRequest, execute() options) from the parsed options of `generate`.
+
+    `batch` parses its defaults with generate's own option list and builds requests here too.
+    """
+    from dataclasses import fields
+
     from ..request import GenerationRequest
 
-    req = GenerationRequest(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        model=model,
-        steps=steps,
-        guidance=guidance,
-        width=width,
-        height=height,
-        seed=seed,
-        scheduler=scheduler,
-        init_image=_str(init_image),
-        strength=strength,
-        start_image=_str(start_image),
-        start_step=start_step,
-        mask=mask,
-        inject_at_step=tuple(inject_at_step or ()),
-        noise_strength=noise_strength,
-        device=device,
-        dtype=dtype,
-        preview=preview if frames else "none",
-        frame_source=frame_source,
-        taesd=taesd,
-        frames_every=frames_every,
-        frame_format=frame_format,
+    names = {f.name for f in fields(GenerationRequest)} - {"extra"}
+    values = {k: v for k, v in params.items() if k in names}
+    values.update(
+        {k: str(v) for k, v in values.items() if isinstance(v, Path)},
+        inject_at_step=tuple(params.get("inject_at_step") or ()),
     )
-    animations = [fmt for fmt, wanted in (("gif", gif), ("webp", webp)) if wanted]
-    execute(req, out, overwrite=overwrite, json=json, quiet=quiet, debug=debug, animations=animations)
+    if not params.get("frames", True):
+        values["preview"] = "none"
+    run_options = {
+        "out": params.get("out"),
+        "overwrite": params.get("overwrite", False),
+        "json": params.get("json", False),
+        "quiet": params.get("quiet", False),
+        "debug": params.get("debug", False),
+        "animations": [fmt for fmt in ("gif", "webp") if params.get(fmt)],
+    }
+    return GenerationRequest(**values), run_options
 
 
-def execute(req, out: Optional[Path], *, overwrite: bool, json: bool, quiet: bool, debug: bool,
-            animations: list[str] = ()) -> None:
+def execute(req, out: Optional[Path] = None, *, overwrite: bool = False, json: bool = False, quiet: bool = False,
+            debug: bool = False, animations: list[str] = ()) -> None:
     """Run REQ with the sinks the flags ask for; shared by every command that generates."""
     from ..runner import run
 
@@ -159,7 +160,3 @@ def execute(req, out: Optional[Path], *, overwrite: bool, json: bool, quiet: boo
                 json_sink({"event": "animation", "path": str(path)})
             elif not quiet:
                 stderr.print(f"Wrote {path}")
-
-
-def _str(path: Optional[Path]) -> Optional[str]:
-    return None if path is None else str(path)

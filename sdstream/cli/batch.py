@@ -1,0 +1,9 @@
+"""`sdstream batch`: many runs, each model loaded once."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass
