@@ -7,6 +7,8 @@ it to the host and encodes it off the loop's thread.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 DEFAULT_TAESD = "madebyollin/taesd"
@@ -63,7 +65,9 @@ def load_taesd(where: str, device, dtype):
     key = (where, str(device), str(dtype))
     if key not in _TAESD:
         try:
-            _TAESD[key] = AutoencoderTiny.from_pretrained(where, dtype=dtype).to(device)
+            with warnings.catch_warnings():  # huggingface_hub deprecation chatter on a failed lookup
+                warnings.simplefilter("ignore")
+                _TAESD[key] = AutoencoderTiny.from_pretrained(where, dtype=dtype).to(device)
         except Exception as e:
             raise SdstreamError(
                 f"--taesd {where!r} could not be loaded ({type(e).__name__})",
