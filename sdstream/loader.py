@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadInput, SdstreamError
@@ -95,20 +96,32 @@ def local_folder(source: ModelSource) -> Path:
     return path
 
 
-def load_pipeline(source: ModelSource, device: str, dtype):
+@dataclass(frozen=True)
+class Speed:
+    """How a pipeline is set up for speed or memory. Part of the cache key: it changes the pipeline."""
+
+    compile: bool = False  # torch.compile the UNet (first steps are slow while it compiles)
+    cpu_offload: bool = False  # accelerate's model offload: each model on the GPU only while it runs
+    vae_tiling: bool = False  # decode large images tile by tile
+    attention_slicing: bool = False  # attention in slices: less memory, a little slower
+
+
+def load_pipeline(source: ModelSource, device: str, dtype, speed: Speed = Speed()):
     """The pipeline for SOURCE on DEVICE in DTYPE, loaded on first use and then reused."""
-    key = (f"{source.kind}:{source.location}", device, dtype_name(dtype))
+    key = (f"{source.kind}:{source.location}", device, dtype_name(dtype), speed)
     with _LOCK:
         if key not in _CACHE:
-            _CACHE[key] = _load(source, device, dtype)
+            _CACHE[key] = _load(source, device, dtype, speed)
         return _CACHE[key]
 
 
 def loaded_models() -> list[tuple[str, str, str]]:
-    return list(_CACHE)
+    """(source, device, dtype) of every pipeline in memory."""
+    return list(dict.fromkeys(key[:3] for key in _CACHE))
 
 
-def _load(source: ModelSource, device: str, dtype):
+def _load(source: ModelSource, device: str, dtype, speed: Speed):
+    import torch
     from diffusers import StableDiffusionPipeline
 
     where = str(local_folder(source)) if source.kind != "hub" else source.location
@@ -117,8 +130,20 @@ def _load(source: ModelSource, device: str, dtype):
         pipe = StableDiffusionPipeline.from_pretrained(where, **kwargs)
     except Exception as e:  # classify hub failures into messages with a next step
         raise _load_error(source, e) from e
-    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    # Attention already runs through PyTorch's scaled_dot_product_attention (diffusers' default processor).
+    if speed.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe = pipe.to(device)
+    if device.startswith("cuda"):
+        pipe.unet.to(memory_format=torch.channels_last)  # convolutions run faster on tensor cores this way
+    if speed.attention_slicing:
+        pipe.enable_attention_slicing()
+    if speed.vae_tiling:
+        pipe.vae.enable_tiling()
+    if speed.compile:
+        pipe.unet.compile()  # in place: pipe.unet keeps its config and class
     return pipe
 
 

@@ -24,11 +24,50 @@ SD1_LATENT_RGB = (
 )
 
 
-def vae_decode(pipe, latents: torch.Tensor):
-    """Decode latents with the model's VAE into a PIL image, exactly as diffusers' pipelines do."""
+def vae_decode(pipe, latents: torch.Tensor, recoveries: list | None = None):
+    """Decode latents with the model's VAE into a PIL image, exactly as diffusers' pipelines do.
+
+    Two failures have a safe fix, applied here and noted in RECOVERIES: out of memory (retry
+    with the VAE tiled) and NaN/inf output (an fp16 VAE overflowing, which diffusers would
+    turn into a black image: retry in fp32). Anything else is an error, never a black picture.
+    """
+    from .errors import SdstreamError
+
+    notes = recoveries if recoveries is not None else []
+    vae = pipe.vae
     with torch.inference_mode():
-        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        try:
+            image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        except torch.OutOfMemoryError:
+            free_memory()
+            tiled_before = getattr(vae, "use_tiling", False)
+            vae.enable_tiling()
+            notes.append("vae_tiled_retry")
+            try:
+                image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+            finally:
+                if not tiled_before:
+                    vae.disable_tiling()
+        if not torch.isfinite(image).all() and vae.dtype != torch.float32:
+            notes.append("vae_fp32_retry")
+            dtype = vae.dtype
+            vae.to(torch.float32)
+            try:
+                image = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
+            finally:
+                vae.to(dtype)
+        if not torch.isfinite(image).all():
+            raise SdstreamError("the VAE decoded NaN/inf values; the run's latents are not usable")
         return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+
+def free_memory() -> None:
+    """Give cached GPU memory back (after an out-of-memory error, or between batch runs)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class Previewer:
@@ -36,8 +75,9 @@ class Previewer:
 
     def __init__(self, pipe, mode: str, source: str, taesd: str | None = None):
         self.pipe, self.mode, self.source = pipe, mode, source
-        self.rgb = torch.tensor(SD1_LATENT_RGB, device=pipe.device, dtype=pipe.unet.dtype)
-        self.taesd = load_taesd(taesd or DEFAULT_TAESD, pipe.device, pipe.vae.dtype) if mode == "taesd" else None
+        device = pipe._execution_device  # with --cpu-offload, pipe.device says cpu
+        self.rgb = torch.tensor(SD1_LATENT_RGB, device=device, dtype=pipe.unet.dtype)
+        self.taesd = load_taesd(taesd or DEFAULT_TAESD, device, pipe.vae.dtype) if mode == "taesd" else None
 
     def __call__(self, event) -> torch.Tensor:
         latents = event.denoised if self.source == "x0" else event.latents

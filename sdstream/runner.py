@@ -52,7 +52,10 @@ def run(
     quiet_libraries()
     from .loop import check_against_model, denoise, size_of
     from .loader import dtype_name, load_pipeline, resolve_device, resolve_dtype
-    from .preview import Previewer, vae_decode
+    import torch
+
+    from .errors import SdstreamError
+    from .preview import Previewer, free_memory, vae_decode
     from .schedulers import SCHEDULERS
 
     emit({"event": "load", "model": source.name, "location": source.location})
@@ -72,6 +75,7 @@ def run(
 
     writer = frames.FrameWriter(run_dir / frames.FRAMES, req.frame_format) if previewer else None
     run_started = time.perf_counter()
+    finite = []  # per-step device-side flags: checking them at the end costs no per-step sync
     try:
         latents = None
         for ev in denoise(pipe, req, cancelled=cancelled):
@@ -81,6 +85,7 @@ def run(
                 emit({"event": "start", "run_dir": str(run_dir), "seed": req.seed, "model": source.name,
                       "first_step": ev.first_step, "total_steps": ev.total_steps, "width": width, "height": height})
             latents = ev.latents
+            finite.append(torch.isfinite(latents).all())
             frame = None
             if writer and ((ev.step - ev.first_step) % req.frames_every == 0 or ev.step == ev.total_steps):
                 frame = writer.submit(ev.step, previewer(ev), (width, height))
@@ -94,8 +99,14 @@ def run(
                   "progress": round(ev.progress, 2), "timestep": ev.timestep,
                   "frame": str(frame) if frame else None})
 
+        if not bool(torch.stack(finite).all()):
+            bad = manifest["first_step"] + int(torch.stack(finite).logical_not().nonzero()[0])
+            raise SdstreamError(
+                f"the latents became NaN/inf at step {bad} ({manifest['dtype']} on {device})",
+                hint="try --dtype fp32 (or bf16), a lower --guidance or --noise-strength",
+            )
         decode_started = time.perf_counter()
-        image = vae_decode(pipe, latents)
+        image = vae_decode(pipe, latents, manifest["recoveries"])
         sampler = SCHEDULERS[req.scheduler][2]
         frames.save_image(image, image_path, pnginfo=_pnginfo(req, width, height, source.name, sampler))
         manifest["timings"]["decode"] = round(time.perf_counter() - decode_started, 4)
@@ -105,6 +116,13 @@ def run(
     except KeyboardInterrupt:
         _finish(writer, manifest, "interrupted", None)
         raise
+    except torch.OutOfMemoryError as e:
+        _finish(writer, manifest, "failed", e)
+        free_memory()
+        raise SdstreamError(
+            f"out of memory on {device} at {width}x{height}",
+            hint="try --cpu-offload, --vae-tiling, --attention-slicing, or a smaller --width/--height",
+        ) from e
     except BaseException as e:
         _finish(writer, manifest, "failed", e)
         raise
@@ -150,6 +168,7 @@ def _manifest(req: GenerationRequest, source, device: str, dtype: str, width: in
         "first_step": None,
         "total_steps": None,
         "injected_at": [],
+        "recoveries": [],  # safe fixes applied on the way: vae_tiled_retry, vae_fp32_retry
         "versions": {
             "sdstream": __version__,
             "torch": torch.__version__,
