@@ -3,7 +3,8 @@
 It knows nothing about files, terminals or HTTP. For a plain text prompt it computes
 exactly what diffusers' StableDiffusionPipeline computes (same helpers, same order of
 random draws), and with an init image exactly what StableDiffusionImg2ImgPipeline does;
-the interventions (start at a later step, masked noise injection) are added around that.
+the interventions (start at a later step, masked noise injection, a photo as the prompt)
+are added around that.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.utils.torch_utils import randn_tensor
 
+from .clip import embedder_for, image_prompt_embeds
 from .errors import BadInput
 from .images import fit, open_image
 from .masks import mask_from_image, mask_tensor
@@ -64,6 +66,8 @@ def check_against_model(pipe, req: GenerationRequest) -> None:
     for k in req.inject_steps(total):
         if not first <= k <= total:
             raise BadInput(f"--inject-at-step {k} is outside this run's steps: give a step from {first} to {total}")
+    if req.prompt_image is not None:
+        embedder_for(pipe, req.clip_model)  # loads the CLIP; its width must be the UNet's cross-attention width
 
 
 def denoise(pipe, req: GenerationRequest, *, cancelled=lambda: False) -> Iterator[StepEvent]:
@@ -80,6 +84,8 @@ def denoise(pipe, req: GenerationRequest, *, cancelled=lambda: False) -> Iterato
     with torch.inference_mode():
         # 1. Prompt -> text embeddings; with guidance, [unconditional, conditional] in one batch.
         cond, uncond = pipe.encode_prompt(req.prompt, device, 1, guided, req.negative_prompt or None)
+        if req.prompt_image is not None:  # a photo as the prompt: CLIP features (blended with the text) as cond
+            cond = image_prompt_embeds(pipe, req, cond)
         embeddings = torch.cat([uncond, cond]) if guided else cond
 
         # 2. The schedule; img2img and --start-step skip its first part (diffusers' img2img arithmetic).

@@ -66,6 +66,9 @@ class GenerationRequest:
     taesd: str | None = None  # hub id or folder for --preview taesd
     frames_every: int = 1
     frame_format: str = "png"
+    prompt_image: str | None = None  # a photo as the prompt: CLIP image features as the conditional embeddings
+    clip_model: str | None = None  # alias, hub id or folder; None = the CLIP that fits the model (see clip.py)
+    image_weight: float = 1.0  # cond = w * image + (1 - w) * text; 1 = the image alone
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict:
@@ -137,6 +140,20 @@ class GenerationRequest:
                 raise BadInput("--start-image needs --start-step K (the step to start denoising from)")
             _check_int("--start-step", self.start_step, 1, self.steps)
             _check_image(self.start_image, "--start-image")
+
+        # image as prompt: CLIP features of a photo in place of (or blended with) the text prompt's
+        if self.prompt_image is not None:
+            _check_image(self.prompt_image, "--prompt-image")
+            _check_float("--image-weight", self.image_weight, 0.0, 1.0)
+            if self.clip_model is not None:
+                if not self.clip_model.strip():
+                    raise BadInput("--clip-model '' is empty: give an alias, a Hugging Face repo id or a folder")
+                fixes["clip_model"] = self.clip_model.strip()
+        else:
+            if self.clip_model is not None:
+                raise BadInput("--clip-model applies to --prompt-image; give a prompt image or drop --clip-model")
+            if self.image_weight != 1.0:
+                raise BadInput("--image-weight applies to --prompt-image; give a prompt image or drop --image-weight")
 
         # noise injection
         _check_float("--noise-strength", self.noise_strength, 0.0, 2.0)

@@ -3,7 +3,9 @@
 Nothing is downloaded. Fixed configs and a fixed seed give the same weights on every machine;
 the folder is written once to the cache (atomically) and then loaded like any other model.
 Random weights, small enough that a 20-step run takes a fraction of a second on a CPU:
-32x32 pictures by default, 16x16 latents (the VAE downsamples by 2).
+32x32 pictures by default, 16x16 latents (the VAE downsamples by 2). It also carries a tiny
+CLIP image encoder (image_encoder + feature_extractor, as diffusers names them) whose
+projection width equals the UNet's cross-attention width, so image prompts work offline too.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import string
 import tempfile
 from pathlib import Path
 
-TINY_VERSION = "1"  # bump when the configs change, so caches rebuild
+TINY_VERSION = "2"  # bump when the configs change, so caches rebuild
 SEED = 0
 MAX_LENGTH = 16  # token positions
+WIDTH = 32  # text encoder hidden size = UNet cross-attention width = CLIP image projection
+IMAGE_SIZE = 32  # the tiny CLIP's input size
 
 # Whole words get their own token; anything else falls back to single characters.
 WORDS = (
@@ -66,7 +70,13 @@ def _tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
 def _build(path: Path) -> None:
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     vocab, merges = _tokenizer_files()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
@@ -80,7 +90,7 @@ def _build(path: Path) -> None:
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             block_out_channels=(32, 64),
             layers_per_block=1,
-            cross_attention_dim=32,
+            cross_attention_dim=WIDTH,
             attention_head_dim=8,
             norm_num_groups=32,
         )
@@ -98,7 +108,7 @@ def _build(path: Path) -> None:
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(vocab),
-                hidden_size=32,
+                hidden_size=WIDTH,
                 intermediate_size=128,
                 num_hidden_layers=2,
                 num_attention_heads=4,
@@ -108,6 +118,25 @@ def _build(path: Path) -> None:
                 pad_token_id=vocab["<|endoftext|>"],
             )
         )
+        # Built last, so the weights above are the same as before the image encoder existed.
+        image_encoder = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=IMAGE_SIZE,
+                patch_size=4,
+                projection_dim=WIDTH,
+            )
+        )
+    try:
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor  # the PIL backend: no torchvision
+    except ImportError:
+        from transformers import CLIPImageProcessor
+    feature_extractor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -123,13 +152,15 @@ def _build(path: Path) -> None:
         unet=unet,
         scheduler=scheduler,
         safety_checker=None,
-        feature_extractor=None,
+        feature_extractor=feature_extractor,
+        image_encoder=image_encoder,
         requires_safety_checker=False,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        _standard_processor_name(tmp / "model_index.json")
         try:
             os.rename(tmp, path)
         except OSError:  # another process finished first; theirs is identical
@@ -137,3 +168,14 @@ def _build(path: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _standard_processor_name(index: Path) -> None:
+    """The PIL variant of CLIPImageProcessor is saved under its own class name; record the standard name,
+    as every Stable Diffusion folder does, so any version of transformers loads the folder."""
+    import json
+
+    parts = json.loads(index.read_text())
+    if parts.get("feature_extractor", [None, None])[1] == "CLIPImageProcessorPil":
+        parts["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+        index.write_text(json.dumps(parts, indent=2, sort_keys=True) + "\n")

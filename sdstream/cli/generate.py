@@ -1,7 +1,8 @@
-"""`sdstream generate`: one run into one folder."""
+"""`sdstream generate` and `sdstream image-prompt`: one run into one folder."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,8 +10,9 @@ import typer
 
 from .common import ProgressSink, handle_errors, json_sink, stderr
 
-G_PROMPT, G_MODEL, G_IMAGE, G_MASK, G_OUT, G_DEVICE = (
+G_PROMPT, G_IMAGE_PROMPT, G_MODEL, G_IMAGE, G_MASK, G_OUT, G_DEVICE = (
     "Prompt",
+    "Image as prompt",
     "Model",
     "Start from a picture",
     "Noise injection",
@@ -21,6 +23,7 @@ G_PROMPT, G_MODEL, G_IMAGE, G_MASK, G_OUT, G_DEVICE = (
 
 def register(app: typer.Typer) -> None:
     app.command("generate", no_args_is_help=False)(generate)
+    app.command("image-prompt", no_args_is_help=True)(image_prompt)
 
 
 def generate(
@@ -31,6 +34,29 @@ def generate(
     guidance: Annotated[
         float, typer.Option(help="Classifier-free guidance scale; guidance is off at 1 or below.", rich_help_panel=G_PROMPT)
     ] = 7.5,
+    prompt_image: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Use this photo as the prompt: its CLIP image features, repeated over the token positions, "
+            "replace the text prompt's embedding (the unconditional half stays --negative-prompt's).",
+            rich_help_panel=G_IMAGE_PROMPT,
+        ),
+    ] = None,
+    image_weight: Annotated[
+        float,
+        typer.Option(
+            help="0-1: blend the photo with --prompt, cond = W * image + (1 - W) * text. 1 = the photo alone.",
+            rich_help_panel=G_IMAGE_PROMPT,
+        ),
+    ] = 1.0,
+    clip_model: Annotated[
+        Optional[str],
+        typer.Option(
+            help="CLIP for the photo: vit-l-14, vit-h-14, tiny, a Hugging Face repo id or a local folder. "
+            "Default: the one that fits the model (ViT-L/14 for SD 1.x, the tiny CLIP for tiny).",
+            rich_help_panel=G_IMAGE_PROMPT,
+        ),
+    ] = None,
     model: Annotated[
         Optional[str],
         typer.Option(
@@ -105,6 +131,37 @@ def generate(
     """Generate one image and record every denoising step."""
     req, run_options = request_from(locals())
     execute(req, **run_options)
+
+
+def image_prompt(photo: Path, **options) -> None:
+    """Generate one image with a photo as the prompt (generate --prompt-image PHOTO), recording every step.
+
+    With --prompt too the two are blended: cond = W * image + (1 - W) * text, W = --image-weight (default 1).
+    """
+    from ..images import open_image
+
+    with handle_errors(options.get("debug", False)):
+        open_image(photo, "PHOTO")  # a missing or broken photo is named as the user gave it
+    req, run_options = request_from({**options, "prompt_image": photo})
+    execute(req, **run_options)
+
+
+def _image_prompt_signature() -> inspect.Signature:
+    """generate's options, with PHOTO as the first argument in place of --prompt-image: one option list for both."""
+    photo = inspect.Parameter(
+        "photo",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=Annotated[
+            Path, typer.Argument(metavar="PHOTO", help="The photo to use as the prompt (PNG, JPEG, WebP, BMP, GIF or "
+                                 "TIFF): its CLIP image features replace the text prompt's.", show_default=False)
+        ],
+    )
+    options = [p for name, p in inspect.signature(generate, eval_str=True).parameters.items() if name != "prompt_image"]
+    return inspect.Signature([photo, *options])
+
+
+image_prompt.__signature__ = _image_prompt_signature()
+image_prompt.__annotations__ = {p.name: p.annotation for p in image_prompt.__signature__.parameters.values()}
 
 
 def request_from(params: dict):
