@@ -89,7 +89,9 @@ def denoise(pipe, req: GenerationRequest, *, cancelled=lambda: False) -> Iterato
         embeddings = torch.cat([uncond, cond]) if guided else cond
 
         # 2. The schedule; img2img and --start-step skip its first part (diffusers' img2img arithmetic).
-        scheduler.set_timesteps(req.steps, device=device)
+        # Timesteps stay on the CPU: schedulers index their CPU tables with them, which with a GPU
+        # tensor would mean a device->host sync every step; the UNet copies t over without one.
+        scheduler.set_timesteps(req.steps, device="cpu")
         total = len(scheduler.timesteps)
         first = req.first_step(total)
         timesteps = scheduler.timesteps[first - 1 :]
@@ -114,7 +116,7 @@ def denoise(pipe, req: GenerationRequest, *, cancelled=lambda: False) -> Iterato
         mask = _mask(req, latents, device) if inject_at else None
         step_kwargs = _step_kwargs(scheduler, generator)
 
-    # 5. The loop. Timestep values are read once on the host: no per-step device sync for them.
+    # 5. The loop.
     for step, t, t_value in zip(range(first, total + 1), timesteps, timesteps.tolist()):
         if cancelled():
             raise KeyboardInterrupt

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from . import masks
@@ -69,11 +69,14 @@ class GenerationRequest:
     prompt_image: str | None = None  # a photo as the prompt: CLIP image features as the conditional embeddings
     clip_model: str | None = None  # alias, hub id or folder; None = the CLIP that fits the model (see clip.py)
     image_weight: float = 1.0  # cond = w * image + (1 - w) * text; 1 = the image alone
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
+    # speed and memory (CUDA mostly); see loader.Speed
+    compile: bool = False
+    cpu_offload: bool = False
+    vae_tiling: bool = False
+    attention_slicing: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.pop("extra")
         d["inject_at_step"] = list(self.inject_at_step)
         return d
 
@@ -93,6 +96,7 @@ class GenerationRequest:
     def validated(self) -> GenerationRequest:
         """A copy with names made canonical and the seed fixed, or BadInput naming the bad value."""
         fixes: dict = {}
+        _check_types(self)
         _check_int("--steps", self.steps, 1, 1000)
         _check_float("--guidance", self.guidance, 0.0, 100.0)
         for opt, v in (("--width", self.width), ("--height", self.height)):
@@ -169,7 +173,9 @@ class GenerationRequest:
                 )
         elif self.inject_at_step:
             raise BadInput("--inject-at-step needs --mask (the region where noise is injected)")
-        steps = tuple(sorted(set(int(s) for s in self.inject_at_step)))
+        for k in self.inject_at_step:
+            _check_int("--inject-at-step", k, 1, 10_000)
+        steps = tuple(sorted(set(self.inject_at_step)))
         fixes["inject_at_step"] = steps
         return replace(self, **fixes)
 
@@ -181,6 +187,18 @@ class GenerationRequest:
             return self.inject_at_step
         first = self.first_step(total)
         return (first + round(DEFAULT_INJECT_FRACTION * (total - first + 1)),)
+
+
+def _check_types(req: GenerationRequest) -> None:
+    """Text and on/off fields from JSON (batch files, the server) may hold anything: say which is wrong."""
+    for f in fields(req):
+        value, option = getattr(req, f.name), "--" + f.name.replace("_", "-")
+        if f.type in ("str", "str | None") and not (isinstance(value, str) or (value is None and "None" in f.type)):
+            raise BadInput(f"{option} {value!r} is not allowed: give text")
+        if f.type == "bool" and not isinstance(value, bool):
+            raise BadInput(f"{option} {value!r} is not allowed: give true or false")
+    if not isinstance(req.inject_at_step, (tuple, list)):
+        raise BadInput(f"--inject-at-step {req.inject_at_step!r} is not allowed: give a list of step numbers")
 
 
 def _check_int(option: str, value, lo: int, hi: int) -> None:

@@ -51,17 +51,20 @@ def run(
 
     quiet_libraries()
     from .loop import check_against_model, denoise, size_of
-    from .loader import dtype_name, load_pipeline, resolve_device, resolve_dtype
+    from .loader import Speed, dtype_name, load_pipeline, resolve_device, resolve_dtype
     import torch
 
-    from .errors import SdstreamError
+    from .errors import BadInput, SdstreamError
     from .preview import Previewer, free_memory, vae_decode
     from .schedulers import SCHEDULERS
 
     emit({"event": "load", "model": source.name, "location": source.location})
     t0 = time.perf_counter()
     device = resolve_device(req.device)
-    pipe = load_pipeline(source, device, resolve_dtype(req.dtype, device))
+    if req.cpu_offload and not device.startswith("cuda"):
+        raise BadInput(f"--cpu-offload moves models between a GPU and the CPU; the device here is {device}")
+    speed = Speed(req.compile, req.cpu_offload, req.vae_tiling, req.attention_slicing)
+    pipe = load_pipeline(source, device, resolve_dtype(req.dtype, device), speed)
     load_seconds = time.perf_counter() - t0
     check_against_model(pipe, req)
     width, height = size_of(pipe, req)

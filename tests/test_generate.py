@@ -145,6 +145,7 @@ BAD = [
     (["--device", "gpu"], "--device 'gpu'"),
     (["--device", "cuda"], "no CUDA GPU"),
     (["--dtype", "fp8"], "--dtype 'fp8'"),
+    (["--cpu-offload"], "--cpu-offload"),
     (["--frame-format", "tiff"], "--frame-format 'tiff'"),
     (["--seed", "-4"], "--seed -4"),
     (["--out", "{txt}"], "is a file"),

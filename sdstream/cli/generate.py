@@ -126,6 +126,18 @@ def generate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.", rich_help_panel=G_OUT)] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=G_DEVICE)] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (fp16 on CUDA, else fp32), fp32, fp16 or bf16.", rich_help_panel=G_DEVICE)] = "auto",
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the UNet: faster steps after a slow first one.", rich_help_panel=G_DEVICE)
+    ] = False,
+    cpu_offload: Annotated[
+        bool, typer.Option("--cpu-offload", help="Keep each model on the GPU only while it runs (less memory).", rich_help_panel=G_DEVICE)
+    ] = False,
+    vae_tiling: Annotated[
+        bool, typer.Option("--vae-tiling", help="Decode large images tile by tile (less memory).", rich_help_panel=G_DEVICE)
+    ] = False,
+    attention_slicing: Annotated[
+        bool, typer.Option("--attention-slicing", help="Compute attention in slices (less memory, slower).", rich_help_panel=G_DEVICE)
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.", rich_help_panel=G_DEVICE)] = False,
 ) -> None:
     """Generate one image and record every denoising step."""
