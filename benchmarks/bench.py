@@ -80,7 +80,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from diffusers import StableDiffusionPipeline
     from PIL import Image
 
     import sdstream

@@ -17,7 +17,6 @@ pipeline's device and dtype, and cached by (source, device, dtype) like pipeline
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 from dataclasses import dataclass
@@ -211,25 +210,14 @@ def _processor(Processor, where: str, source: ClipSource, config):
 
 
 def _load_error(source: ClipSource, e: Exception) -> SdstreamError:
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from .loader import first_line, hub_error
 
     name = f"CLIP model {source.label}"
-    if isinstance(e, GatedRepoError):
-        return SdstreamError(f"{name} is gated: accept its licence on the Hub, then set HF_TOKEN")
-    if isinstance(e, RepositoryNotFoundError):
-        return BadInput(f"{name} does not exist on the Hugging Face Hub (or is private: set HF_TOKEN)")
-    text = str(e)
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    unreachable = ("connect", "offline", "not fully cached", "cached snapshot", "local_files_only", "timed out")
-    if source.kind == "hub" and (offline or any(w in text.lower() for w in unreachable)):
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
-        return SdstreamError(
-            f"{name} is not on disk and {why}",
-            hint="pass --clip-model with a local CLIP folder (or a CLIP already in the Hugging Face cache), "
-            "or download it once with network access",
-        )
+    hint = ("pass --clip-model with a local CLIP folder (or a CLIP already in the Hugging Face cache), "
+            "or download it once with network access")
+    error = hub_error(name, source.kind == "hub", e, hint)
+    if error is not None:
+        return error
     if isinstance(e, (json.JSONDecodeError, ValueError, OSError)) and source.kind != "hub":
-        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-        return BadInput(f"--clip-model {source.label} could not be read as a CLIP folder: {first}")
-    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-    return SdstreamError(f"could not load {name}: {first}")
+        return BadInput(f"--clip-model {source.label} could not be read as a CLIP folder: {first_line(e)}")
+    return SdstreamError(f"could not load {name}: {first_line(e)}")

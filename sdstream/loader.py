@@ -148,21 +148,27 @@ def _load(source: ModelSource, device: str, dtype, speed: Speed):
 
 
 def _load_error(source: ModelSource, e: Exception) -> SdstreamError:
+    name = f"model {source.name!r}" + (f" ({source.location})" if source.location != source.name else "")
+    hint = "use --model tiny, a local diffusers folder, or download it once with network access"
+    return hub_error(name, source.kind == "hub", e, hint) or SdstreamError(f"could not load {name}: {first_line(e)}")
+
+
+def hub_error(name: str, from_hub: bool, e: Exception, hint: str) -> SdstreamError | None:
+    """A one-line message with a next step for the Hub's failures (gated, missing, unreachable), else None."""
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    name = f"{source.name!r}" + (f" ({source.location})" if source.location != source.name else "")
     if isinstance(e, GatedRepoError):
-        return SdstreamError(f"model {name} is gated: accept its licence on the Hub, then set HF_TOKEN")
+        return SdstreamError(f"{name} is gated: accept its licence on the Hub, then set HF_TOKEN")
     if isinstance(e, RepositoryNotFoundError):
-        return BadInput(f"model {name} does not exist on the Hugging Face Hub (or is private: set HF_TOKEN)")
-    text = str(e)
+        return BadInput(f"{name} does not exist on the Hugging Face Hub (or is private: set HF_TOKEN)")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     unreachable = ("connect", "offline", "not fully cached", "cached snapshot", "local_files_only", "timed out")
-    if source.kind == "hub" and (offline or any(w in text.lower() for w in unreachable)):
+    if from_hub and (offline or any(w in str(e).lower() for w in unreachable)):
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
-        return SdstreamError(
-            f"model {name} is not on disk and {why}",
-            hint="use --model tiny, a local diffusers folder, or download it once with network access",
-        )
-    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-    return SdstreamError(f"could not load model {name}: {first}")
+        return SdstreamError(f"{name} is not on disk and {why}", hint=hint)
+    return None
+
+
+def first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -7,9 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-import numpy as np
 import pytest
 from PIL import Image
 
