@@ -195,7 +195,7 @@ def check() -> dict:
         pipe = load_pipeline(resolve("tiny"), device, dtype)
         result["load_seconds"] = round(time.perf_counter() - t0, 4)
         req = GenerationRequest(prompt="a red circle", model="tiny", steps=CHECK_STEPS, seed=0, device=device,
-                                frames=False).validated()
+                                preview="none").validated()
         check_against_model(pipe, req)
         finite, latents = True, None
         last = time.perf_counter()

@@ -29,6 +29,7 @@ FRAME_SOURCES = ("x0", "latent")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 MAX_SEED = 2**64 - 1
+MAX_STEPS = 500  # DDIM's schedule runs past SD's 1000 training timesteps at 1000 steps
 DEFAULT_STRENGTH = 0.75
 DEFAULT_INJECT_FRACTION = 0.3  # --mask alone injects 30% into the run: late enough to keep composition
 
@@ -97,7 +98,7 @@ class GenerationRequest:
         """A copy with names made canonical and the seed fixed, or BadInput naming the bad value."""
         fixes: dict = {}
         _check_types(self)
-        _check_int("--steps", self.steps, 1, 1000)
+        _check_int("--steps", self.steps, 1, MAX_STEPS)
         _check_float("--guidance", self.guidance, 0.0, 100.0)
         for opt, v in (("--width", self.width), ("--height", self.height)):
             if v is not None:

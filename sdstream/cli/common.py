@@ -33,9 +33,9 @@ def handle_errors(debug: bool = False):
     except SdstreamError as e:
         if debug:
             traceback.print_exc()
-        stderr.print(f"[bold red]Error:[/] {e}", markup=True, soft_wrap=True)
+        error(str(e))
         if e.hint:
-            stderr.print(f"Hint: {e.hint}", soft_wrap=True)
+            stderr.print(f"Hint: {e.hint}", soft_wrap=True, markup=False)
         raise typer.Exit(e.exit_code) from None
     except Terminated:
         stderr.print("Terminated: frames so far and run.json are kept.")
@@ -48,12 +48,19 @@ def handle_errors(debug: bool = False):
     except Exception as e:
         if debug:
             traceback.print_exc()
-        stderr.print(f"[bold red]Error:[/] {type(e).__name__}: {e}", soft_wrap=True)
+        error(f"{type(e).__name__}: {e}")
         if not debug:
             stderr.print("Run again with --debug for the traceback.")
         raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def error(message: str) -> None:
+    """`Error: MESSAGE` on stderr; the message is printed as is (no Rich markup: it may hold brackets)."""
+    from rich.text import Text
+
+    stderr.print(Text.assemble(("Error:", "bold red"), " ", message), soft_wrap=True)
 
 
 def json_sink(event: dict) -> None:
