@@ -136,7 +136,8 @@ def denoise(pipe, req: GenerationRequest, *, cancelled=lambda: False) -> Iterato
             denoised = getattr(out, "pred_original_sample", None)
             if denoised is None:  # DPM++, UniPC and PNDM don't return x0: compute it
                 denoised = _x0(scheduler, latents, noise_pred, t_value)
-            latents = out.prev_sample
+            # Euler-type schedulers compute in fp32; keep the run in the model's dtype
+            latents, denoised = out.prev_sample.to(dtype), denoised.to(dtype)
         yield StepEvent(step, total, first, int(t_value), latents, denoised, step in inject_at,
                         time.perf_counter() - started)
 

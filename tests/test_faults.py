@@ -162,3 +162,53 @@ def test_random_option_values_give_only_clean_errors(options):
         GenerationRequest(model="tiny", **options).validated()
     except BadInput as e:
         assert "\n" not in str(e) and str(e).startswith("--")
+
+
+def test_hub_errors_become_one_line_messages_with_a_next_step():
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from sdstream.loader import hub_error
+
+    def bare(cls):  # the real classes, without the HTTP response they usually wrap
+        e = cls.__new__(cls)
+        Exception.__init__(e, "401 Client Error")
+        return e
+
+    gated = hub_error("model 'x'", True, bare(GatedRepoError), "hint")
+    assert type(gated) is SdstreamError and "HF_TOKEN" in str(gated)
+    missing = hub_error("model 'x'", True, bare(RepositoryNotFoundError), "hint")
+    assert isinstance(missing, BadInput) and "does not exist" in str(missing)
+    offline = hub_error("model 'x'", True, OSError("We couldn't connect to the Hub"), "use tiny")
+    assert "not on disk" in str(offline) and offline.hint == "use tiny"
+    assert hub_error("model 'x'", False, ValueError("bad config"), "hint") is None
+
+
+def test_a_folder_missing_a_part_says_which(tmp_path):
+    import shutil
+
+    from sdstream.tiny import tiny_path
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_path(), broken)
+    shutil.rmtree(broken / "unet")
+    with pytest.raises(BadInput, match="missing unet"):
+        sdstream.load(str(broken))
+
+
+@given(st.text(max_size=300))
+def test_names_made_from_prompts_are_safe(prompt):
+    from sdstream.frames import slug
+
+    name = slug(prompt)
+    assert 1 <= len(name) <= 40 and name.isascii() and "/" not in name and ".." not in name
+    assert all(c.isalnum() or c == "-" for c in name)
+
+
+def test_default_run_folders_are_unique(tmp_path):
+    from sdstream.frames import default_run_dir
+
+    first = default_run_dir("../../etc/passwd\n\x1b[31m", 1, root=tmp_path)
+    first.mkdir()
+    second = default_run_dir("../../etc/passwd\n\x1b[31m", 1, root=tmp_path)
+    assert first.parent == second.parent == tmp_path and first != second
+    assert first.name.endswith("-etc-passwd-31m-1")

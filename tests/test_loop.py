@@ -103,3 +103,10 @@ def test_disk_full_while_writing_frames_fails_the_run_clearly(tiny, tmp_path, mo
     assert not (tmp_path / "r" / "final.png").exists()
     written = sorted(p.name for p in (tmp_path / "r" / "frames").iterdir())
     assert written[:2] == ["step-0001.png", "step-0002.png"] and "step-0003.png" not in written
+
+
+@pytest.mark.parametrize("scheduler", ["euler-a", "lms", "ddim"])
+def test_half_precision_runs_keep_the_model_dtype(scheduler):
+    pipe = sdstream.load("tiny", device="cpu", dtype="bf16")
+    evs = list(denoise(pipe, GenerationRequest(model="tiny", steps=3, seed=1, scheduler=scheduler).validated()))
+    assert all(e.latents.dtype == e.denoised.dtype == torch.bfloat16 for e in evs)
