@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--taesd", help="TAESD folder or hub id: adds sdstream --preview taesd")
+    ap.add_argument("--compile", action="store_true", help="adds sdstream --compile --preview approx")
     args = ap.parse_args()
 
     import torch
@@ -121,10 +122,10 @@ def main() -> None:
         Image.fromarray(rgb.clamp(0, 255).byte().cpu().numpy().transpose(1, 2, 0)).save(work / f"b2-{i}.png")
         return kwargs
 
-    def sdstream_run(preview):
+    def sdstream_run(preview, compile=False):
         req = GenerationRequest(prompt=prompt, model=model, steps=steps, width=size, height=size, seed=1,
-                                device=str(device), preview=preview, taesd=args.taesd)
-        return lambda: sdstream.run(req, work / f"c-{preview}", overwrite=True)
+                                device=str(device), preview=preview, taesd=args.taesd, compile=compile)
+        return lambda: sdstream.run(req, work / f"c-{preview}-{compile}", overwrite=True)
 
     variants = {
         "(a)  diffusers, no per-step work": diffusers_run(),
@@ -136,9 +137,13 @@ def main() -> None:
     }
     if args.taesd:
         variants["(c)  sdstream --preview taesd"] = sdstream_run("taesd")
+    if args.compile:  # its warm-up below includes the compilation
+        variants["(c)  sdstream --compile --preview approx"] = sdstream_run("approx", compile=True)
 
-    for fn in variants.values():  # warm-up: first calls allocate, autotune and fill caches
+    for name, fn in variants.items():  # warm-up: first calls allocate, autotune, compile and fill caches
+        started = time.perf_counter()
         fn()
+        print(f"warm-up {name}: {time.perf_counter() - started:.1f} s", flush=True)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, fn in variants.items():

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU check, run once on a lent GPU machine from the repo root (results under $OUT):
+# the CUDA path on tiny (fp16/bf16, every preview, frames written, no NaN) and the benchmark at SD 1.5 size.
+# Needs diffusers (and importlib_metadata) as wheels in .whl/ where the machine lacks them.
+set -u
+OUT=${OUT:-/tmp/gpu-check}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 SDSTREAM_HOME=/tmp/sdstream-home
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:.
+else
+  export PYTHONPATH=.
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+
+check() {  # a run folder: complete, on CUDA in the expected dtype, every frame there, a final image that is not black
+  python3 - "$@" <<'PY'
+import json, sys
+from pathlib import Path
+from PIL import Image
+run, dtype, frames = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+m = json.loads((run / "run.json").read_text())
+files = [run / f["file"] for f in m["frames"]]
+lo, hi = Image.open(run / "final.png").convert("L").getextrema()
+ok = (m["status"] == "complete" and m["device"].startswith("cuda") and m["dtype"] == dtype
+      and len(files) == frames and all(f.is_file() for f in files) and hi > lo)
+print("OK  " if ok else "FAIL", run.name, m["status"], m["device"], m["dtype"], len(files), "frames",
+      "final range", (lo, hi), "recoveries", m["recoveries"], "steps/s", round(len(m["timings"]["steps"]) / sum(m["timings"]["steps"]), 1))
+PY
+}
+i=0
+for args in "--preview approx --mask circle --inject-at-step 6" "--preview vae --scheduler euler-a"; do
+  i=$((i+1))
+  python3 -m sdstream generate -m tiny -p "a red circle" --seed 1 --steps 20 --quiet $args -o /tmp/run$i || echo "FAIL generate $args"
+  check /tmp/run$i fp16 20 | tee -a "$OUT/cuda_path.txt"
+done
+python3 -m sdstream generate -m tiny --seed 1 --steps 12 --dtype bf16 --gif --quiet -o /tmp/runbf16 && check /tmp/runbf16 bf16 12 | tee -a "$OUT/cuda_path.txt"
+python3 -m sdstream diagnostics --check --json > "$OUT/diagnostics.json" || echo "FAIL diagnostics --check"
+echo "tiny checks done at $SECONDS s"
+timeout "${BENCH_SECONDS:-330}" python3 benchmarks/bench.py --full-size --repeats "${REPEATS:-3}" --compile 2>&1 | grep -v '^\[transformers\]' | tee "$OUT/bench.txt"
