@@ -96,8 +96,11 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_image(image, path: Path, fmt: str = "png", pnginfo=None) -> None:
+def save_image(image, path: Path, fmt: str = "png", pnginfo=None, fast: bool = False) -> None:
+    """Write IMAGE atomically; FAST trades about a tenth more bytes for PNG encoding 2-3 times quicker."""
     kwargs = {"pnginfo": pnginfo} if pnginfo is not None else {}
+    if fast and fmt == "png":
+        kwargs["compress_level"] = 1
     if fmt in ("jpg", "webp"):
         kwargs["quality"] = 90
     atomic_write(path, lambda f: image.save(f, format=_PIL_FORMAT[fmt], **kwargs))
@@ -108,48 +111,53 @@ def write_json(path: Path, data: dict) -> None:
 
 
 class FrameWriter:
-    """Encodes and writes frames on a background thread; the loop only hands over PIL images.
+    """Encodes and writes frames on background threads; the loop only hands over pictures.
 
-    The queue is bounded so a slow disk applies back-pressure instead of filling memory. The
-    first write error is re-raised on the loop's thread at the next submit() or at close().
+    Image encoding (zlib, libwebp) releases the GIL, so a few threads keep up with a fast GPU
+    where one could not. The queue is bounded so a slow disk applies back-pressure instead of
+    filling memory. The first write error is re-raised on the loop's thread at the next
+    submit() or at close().
     """
 
-    def __init__(self, folder: Path, fmt: str, depth: int = 8):
+    def __init__(self, folder: Path, fmt: str, depth: int = 8, threads: int = min(4, os.cpu_count() or 1)):
         self.folder, self.fmt = folder, fmt
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="sdstream-frames", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._work, name="sdstream-frames", daemon=True) for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
 
     def path_for(self, step: int) -> Path:
         return self.folder / f"step-{step:04d}.{self.fmt}"
 
-    def submit(self, step: int, picture, size: tuple[int, int] | None = None) -> Path:
+    def submit(self, step: int, picture) -> Path:
         """Queue PICTURE (a PIL image, or a uint8 (H, W, 3) tensor on any device) for step STEP.
 
         A CUDA tensor is copied into pinned host memory without blocking the loop; the writer
-        thread waits for that copy alone. SIZE scales small previews up to the output size.
+        thread waits for that copy alone.
         """
         self._raise_if_failed()
         path = self.path_for(step)
-        self._queue.put((path, _to_host(picture), size))
+        self._queue.put((path, _to_host(picture)))
         return path
 
     def close(self) -> None:
         """Wait until every submitted frame is on disk; raise the first write error."""
-        if self._thread.is_alive():
+        for _ in self._threads:
             self._queue.put(None)
-            self._thread.join()
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
         self._raise_if_failed()
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             if self._error is None:  # after a failure, drain without writing
-                path, (picture, copied), size = item
+                path, (picture, copied) = item
                 try:
-                    save_image(_to_pil(picture, copied, size), path, self.fmt)
+                    save_image(_to_pil(picture, copied), path, self.fmt, fast=True)
                 except BaseException as e:
-                    self._error = e
+                    self._error = self._error or e
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -171,15 +179,12 @@ def _to_host(picture):
     return host, copied
 
 
-def _to_pil(picture, copied, size):
+def _to_pil(picture, copied):
     from PIL import Image
 
     if copied is not None:
         copied.synchronize()
-    image = picture if isinstance(picture, Image.Image) else Image.fromarray(picture.numpy())
-    if size is not None and image.size != size:
-        image = image.resize(size, Image.Resampling.BILINEAR)
-    return image
+    return picture if isinstance(picture, Image.Image) else Image.fromarray(picture.numpy())
 
 
 def a1111_parameters(req, width: int, height: int, model: str, sampler: str) -> str:

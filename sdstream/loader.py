@@ -71,9 +71,9 @@ def resolve_dtype(dtype: str, device: str):
 
 
 def dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("float16", "fp16").replace(
-        "bfloat16", "bf16"
-    )
+    """torch.float16 -> 'fp16', as --dtype spells it."""
+    name = str(dtype).removeprefix("torch.")
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(name, name)
 
 
 def local_folder(source: ModelSource) -> Path:

@@ -91,7 +91,7 @@ def run(
             finite.append(torch.isfinite(latents).all())
             frame = None
             if writer and ((ev.step - ev.first_step) % req.frames_every == 0 or ev.step == ev.total_steps):
-                frame = writer.submit(ev.step, previewer(ev), (width, height))
+                frame = writer.submit(ev.step, previewer(ev))
                 manifest["frames"].append(
                     {"step": ev.step, "timestep": ev.timestep, "file": str(frame.relative_to(run_dir))}
                 )

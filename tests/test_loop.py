@@ -90,10 +90,10 @@ def test_cancel_keeps_frames_and_marks_interrupted(tiny, tmp_path):
 def test_disk_full_while_writing_frames_fails_the_run_clearly(tiny, tmp_path, monkeypatch):
     real = frames.save_image
 
-    def full(image, path, fmt="png", pnginfo=None):
+    def full(image, path, fmt="png", pnginfo=None, fast=False):
         if path.name == "step-0003.png":
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(image, path, fmt, pnginfo)
+        real(image, path, fmt, pnginfo, fast)
 
     monkeypatch.setattr(frames, "save_image", full)
     with pytest.raises(SdstreamError, match="No space left"):

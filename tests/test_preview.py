@@ -42,12 +42,12 @@ def test_frame_source_x0_differs_from_latent_early_on(tiny):
     assert not torch.equal(Previewer(tiny, "approx", "x0")(first), Previewer(tiny, "approx", "latent")(first))
 
 
-def test_frame_writer_scales_previews_to_output_size_and_writes_atomically(tmp_path):
-    writer = FrameWriter(tmp_path, "webp")
-    paths = [writer.submit(step, torch.full((4, 6, 3), 200, dtype=torch.uint8), (60, 40)) for step in (1, 2, 3)]
+def test_frame_writer_writes_every_frame_from_its_threads(tmp_path):
+    writer = FrameWriter(tmp_path, "webp", threads=3)
+    paths = [writer.submit(step, torch.full((4, 6, 3), step, dtype=torch.uint8)) for step in range(1, 21)]
     writer.close()
-    assert [p.name for p in sorted(tmp_path.iterdir())] == ["step-0001.webp", "step-0002.webp", "step-0003.webp"]
-    assert all(Image.open(p).size == (60, 40) for p in paths)
+    assert sorted(tmp_path.iterdir()) == paths
+    assert [Image.open(p).size for p in paths] == [(6, 4)] * 20
 
 
 def test_manifest_records_preview_choice(tiny, tmp_path):
