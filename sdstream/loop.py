@@ -89,8 +89,9 @@ def denoise(pipe, req: GenerationRequest, *, cancelled=lambda: False) -> Iterato
         embeddings = torch.cat([uncond, cond]) if guided else cond
 
         # 2. The schedule; img2img and --start-step skip its first part (diffusers' img2img arithmetic).
-        # Timesteps stay on the CPU: schedulers index their CPU tables with them, which with a GPU
-        # tensor would mean a device->host sync every step; the UNet copies t over without one.
+        # Schedulers get timesteps on the CPU (they index CPU tables with them: a GPU tensor would
+        # mean a device->host sync every step); the UNet gets a copy uploaded once, here (a CPU t
+        # would be copied with a blocking transfer every step).
         scheduler.set_timesteps(req.steps, device="cpu")
         total = len(scheduler.timesteps)
         first = req.first_step(total)
@@ -117,7 +118,8 @@ def denoise(pipe, req: GenerationRequest, *, cancelled=lambda: False) -> Iterato
         step_kwargs = _step_kwargs(scheduler, generator)
 
     # 5. The loop.
-    for step, t, t_value in zip(range(first, total + 1), timesteps, timesteps.tolist()):
+    on_device = timesteps.to(device)
+    for step, t, t_unet, t_value in zip(range(first, total + 1), timesteps, on_device, timesteps.tolist()):
         if cancelled():
             raise KeyboardInterrupt
         started = time.perf_counter()
@@ -127,7 +129,7 @@ def denoise(pipe, req: GenerationRequest, *, cancelled=lambda: False) -> Iterato
 
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise_pred = pipe.unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+            noise_pred = pipe.unet(model_input, t_unet, encoder_hidden_states=embeddings, return_dict=False)[0]
             if guided:
                 noise_uncond, noise_text = noise_pred.chunk(2)
                 noise_pred = noise_uncond + req.guidance * (noise_text - noise_uncond)
