@@ -46,29 +46,19 @@ def run(
         for sink in sinks:
             sink(event)
 
-    # Heavy imports only once a run is really happening.
-    from .loader import quiet_libraries
-
-    quiet_libraries()
-    from .loop import check_against_model, denoise, size_of
-    from .loader import Speed, dtype_name, load_pipeline, resolve_device, resolve_dtype
-    import torch
-
-    from .errors import BadInput, SdstreamError
-    from .preview import Previewer, free_memory, vae_decode
-    from .schedulers import SCHEDULERS
-
     emit({"event": "load", "model": source.name, "location": source.location})
     t0 = time.perf_counter()
-    device = resolve_device(req.device)
-    if req.cpu_offload and not device.startswith("cuda"):
-        raise BadInput(f"--cpu-offload moves models between a GPU and the CPU; the device here is {device}")
-    speed = Speed(req.compile, req.cpu_offload, req.vae_tiling, req.attention_slicing)
-    pipe = load_pipeline(source, device, resolve_dtype(req.dtype, device), speed)
+    ready = prepare(req, source)
     load_seconds = time.perf_counter() - t0
-    check_against_model(pipe, req)
-    width, height = size_of(pipe, req)
-    previewer = Previewer(pipe, req.preview, req.frame_source, req.taesd) if req.preview != "none" else None
+    pipe, device, width, height, previewer = ready.pipe, ready.device, ready.width, ready.height, ready.previewer
+
+    import torch
+
+    from .errors import SdstreamError
+    from .loader import dtype_name
+    from .loop import denoise
+    from .preview import free_memory, vae_decode
+    from .schedulers import SCHEDULERS
 
     frames.prepare_run_dir(run_dir, overwrite)
     manifest_path, image_path = run_dir / frames.MANIFEST, run_dir / frames.FINAL
@@ -137,6 +127,41 @@ def run(
     emit({"event": "done", "image": str(image_path), "manifest": str(manifest_path), "run_dir": str(run_dir),
           "seed": req.seed, "frames": len(manifest["frames"]), "seconds": manifest["timings"]["total"]})
     return RunResult(run_dir, image_path, manifest_path, req.seed)
+
+
+@dataclass
+class Prepared:
+    """A request's loaded pipeline and what follows from it; nothing has been written yet."""
+
+    pipe: object
+    device: str
+    width: int
+    height: int
+    previewer: object  # preview.Previewer, or None for --preview none
+
+
+def prepare(req: GenerationRequest, source: registry.ModelSource) -> Prepared:
+    """Load (cached) the pipeline REQ asks for and check REQ against it. Raises BadInput, writes nothing.
+
+    Everything that generates (run(), the server) starts here.
+    """
+    from .loader import quiet_libraries
+
+    quiet_libraries()  # before diffusers is first imported
+    from .errors import BadInput
+    from .loader import Speed, load_pipeline, resolve_device, resolve_dtype
+    from .loop import check_against_model, size_of
+    from .preview import Previewer
+
+    device = resolve_device(req.device)
+    if req.cpu_offload and not device.startswith("cuda"):
+        raise BadInput(f"--cpu-offload moves models between a GPU and the CPU; the device here is {device}")
+    speed = Speed(req.compile, req.cpu_offload, req.vae_tiling, req.attention_slicing)
+    pipe = load_pipeline(source, device, resolve_dtype(req.dtype, device), speed)
+    check_against_model(pipe, req)
+    width, height = size_of(pipe, req)
+    previewer = Previewer(pipe, req.preview, req.frame_source, req.taesd) if req.preview != "none" else None
+    return Prepared(pipe, device, width, height, previewer)
 
 
 def _finish(writer, manifest: dict, status: str, error: BaseException | None) -> None:

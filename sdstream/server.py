@@ -241,19 +241,14 @@ class Worker:
 
 def generate(job: Job) -> None:
     """Load (cached), check, then denoise with the library's loop, pushing one event per step."""
-    from .loader import load_pipeline, quiet_libraries, resolve_device, resolve_dtype
-
-    quiet_libraries()
-    from .loop import check_against_model, denoise, size_of
-    from .preview import Previewer, vae_decode
+    from .loop import denoise
+    from .preview import vae_decode
+    from .runner import prepare
 
     req = job.req
     source = registry.resolve(req.model)
-    device = resolve_device(req.device)
-    pipe = load_pipeline(source, device, resolve_dtype(req.dtype, device))
-    check_against_model(pipe, req)
-    width, height = size_of(pipe, req)
-    previewer = Previewer(pipe, req.preview, req.frame_source, req.taesd) if req.preview != "none" else None
+    ready = prepare(req, source)
+    pipe, width, height, previewer = ready.pipe, ready.width, ready.height, ready.previewer
     job.push(("ready",), wait=False)  # from here on the answer is a 200 stream
 
     started, ev = time.perf_counter(), None
