@@ -31,13 +31,13 @@ def sd15_random_folder(root: Path) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from sdstream.tiny import _tokenizer_files
+    from sdstream.tiny import tokenizer_files
 
     path = root / "sd15-random"
     if (path / "model_index.json").exists():
         return path
     torch.manual_seed(0)
-    vocab, merges = _tokenizer_files()
+    vocab, merges = tokenizer_files()
     unet = UNet2DConditionModel(
         sample_size=64,
         block_out_channels=(320, 640, 1280, 1280),

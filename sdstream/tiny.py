@@ -10,13 +10,14 @@ projection width equals the UNet's cross-attention width, so image prompts work 
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import string
 import tempfile
 from pathlib import Path
 
-TINY_VERSION = "2"  # bump when the configs change, so caches rebuild
+TINY_VERSION = "3"  # bump when the configs change, so caches rebuild
 SEED = 0
 MAX_LENGTH = 16  # token positions
 WIDTH = 32  # text encoder hidden size = UNet cross-attention width = CLIP image projection
@@ -46,25 +47,50 @@ def tiny_path() -> Path:
     return path
 
 
-def _tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A small byte-level BPE vocabulary in CLIP's format: characters, then whole words."""
+def tokenizer_files(words=WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-format BPE vocabulary: single characters (with and without </w>), then each word as ONE token.
+
+    Merges are added by simulating BPE on each word with the merges so far and appending a merge for
+    its first two pieces until it is whole. A merge appended later has a higher rank than all before
+    it, so it never changes a word that is already whole (that word always had a lower-ranked pair
+    to merge). Merges that are simply each word's left-to-right prefixes can clash: "re" from "red"
+    outranks "gr" and splits "green".
+    """
     symbols = list(string.ascii_lowercase + string.digits + string.punctuation)
     vocab: dict[str, int] = {}
     for s in symbols + [s + "</w>" for s in symbols]:
         vocab.setdefault(s, len(vocab))
     merges: list[tuple[str, str]] = []
-    for word in WORDS:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        merged = parts[0]
-        for nxt in parts[1:]:
-            pair = (merged, nxt)
-            merged += nxt
-            if merged not in vocab:
-                vocab[merged] = len(vocab)
-                merges.append(pair)
+    for word in words:
+        while len(pieces := _bpe(word, merges)) > 1:
+            pair = (pieces[0], pieces[1])
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     return vocab, merges
+
+
+def _bpe(word: str, merges: list[tuple[str, str]]) -> list[str]:
+    """CLIP's BPE on one word: repeatedly merge the adjacent pair of lowest rank."""
+    ranks = {pair: i for i, pair in enumerate(merges)}
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(itertools.pairwise(pieces))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        first, second = pieces[i], pieces[i + 1]
+        merged, j = [], 0
+        while j < len(pieces):  # merge every occurrence of that pair, left to right
+            if j < len(pieces) - 1 and pieces[j] == first and pieces[j + 1] == second:
+                merged.append(first + second)
+                j += 2
+            else:
+                merged.append(pieces[j])
+                j += 1
+        pieces = merged
+    return pieces
 
 
 def _build(path: Path) -> None:
@@ -78,7 +104,7 @@ def _build(path: Path) -> None:
         CLIPVisionModelWithProjection,
     )
 
-    vocab, merges = _tokenizer_files()
+    vocab, merges = tokenizer_files()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)

@@ -22,13 +22,11 @@ else falls back to single characters.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
 import re
 import shutil
-import string
 import sys
 import time
 from datetime import datetime, timezone
@@ -39,6 +37,8 @@ import numpy as np  # noqa: TID253
 import shapes
 import torch  # noqa: TID253
 
+from sdstream.tiny import tokenizer_files  # the one word-level CLIP BPE builder
+
 MAX_LENGTH = 16  # token positions
 WIDTH = 64  # text encoder width = UNet cross-attention width
 BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
@@ -48,56 +48,10 @@ WORLD_WORDS = ["a", "on", "background", *shapes.COLOURS, *shapes.SHAPES]
 
 # ---- the parts ----------------------------------------------------------------------------------
 
-def tokenizer_files(words=WORLD_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A CLIP-format BPE vocabulary: single characters (with and without </w>), then each word as ONE token.
-
-    Merges are added by simulating BPE on each word with the merges so far and appending a merge for
-    its first two pieces until it is whole. A merge appended later has a higher rank than all before
-    it, so it never changes a word that is already whole (that word always had a lower-ranked pair
-    to merge). Merges that are simply each word's left-to-right prefixes can clash: "re" from "red"
-    outranks "gr" and splits "green".
-    """
-    symbols = list(string.ascii_lowercase + string.digits + string.punctuation)
-    vocab: dict[str, int] = {}
-    for s in symbols + [s + "</w>" for s in symbols]:
-        vocab.setdefault(s, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in words:
-        while len(pieces := _bpe(word, merges)) > 1:
-            pair = (pieces[0], pieces[1])
-            merges.append(pair)
-            vocab.setdefault(pair[0] + pair[1], len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    return vocab, merges
-
-
-def _bpe(word: str, merges: list[tuple[str, str]]) -> list[str]:
-    """CLIP's BPE on one word: repeatedly merge the adjacent pair of lowest rank."""
-    ranks = {pair: i for i, pair in enumerate(merges)}
-    pieces = list(word[:-1]) + [word[-1] + "</w>"]
-    while len(pieces) > 1:
-        pairs = [(ranks.get(p, len(ranks)), i) for i, p in enumerate(itertools.pairwise(pieces))]
-        rank, i = min(pairs)
-        if rank == len(ranks):
-            break
-        first, second = pieces[i], pieces[i + 1]
-        merged, j = [], 0
-        while j < len(pieces):  # merge every occurrence of that pair, left to right
-            if j < len(pieces) - 1 and pieces[j] == first and pieces[j + 1] == second:
-                merged.append(first + second)
-                j += 2
-            else:
-                merged.append(pieces[j])
-                j += 1
-        pieces = merged
-    return pieces
-
-
 def make_tokenizer():
     from transformers import CLIPTokenizer
 
-    vocab, merges = tokenizer_files()
+    vocab, merges = tokenizer_files(WORLD_WORDS)
     tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
     for word in WORLD_WORDS:
         assert len(tok.tokenize(word)) == 1, (word, tok.tokenize(word))
@@ -462,7 +416,7 @@ def convert(src: Path, out: Path, fp16: bool) -> None:
 def _slow_tokenizer_files(folder: Path) -> None:
     """vocab.json and merges.txt, as every Stable Diffusion folder has them: transformers 5 saves only
     tokenizer.json, which transformers 4's (slow) CLIPTokenizer cannot read."""
-    vocab, merges = tokenizer_files()
+    vocab, merges = tokenizer_files(WORLD_WORDS)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 
