@@ -280,7 +280,7 @@ def run_batch(
     animations: Iterable[str] = (),
     check: Callable[[GenerationRequest], None] | None = None,
 ) -> BatchResult:
-    """Run every line of SOURCE into OUT (default outputs/batch-<time>); see the module docstring.
+    """Run every line of SOURCE into OUT (default outputs/<time>-batch); see the module docstring.
 
     SINKS get each run's step events (as runner.run sends them). ON_EVENT gets batch events:
     {"event": "begin", ...} before a run, {"event": "run", ...} for each finished, kept or bad
@@ -372,12 +372,7 @@ def run_batch(
 
 
 def default_out(root: Path = Path("outputs")) -> Path:
-    base = root / f"batch-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
+    return frames.new_dir(root, "batch")
 
 
 def _execute(run: BatchRun, request: GenerationRequest, sinks, animations) -> dict:

@@ -33,8 +33,12 @@ def slug(text: str, limit: int = 40) -> str:
 
 
 def default_run_dir(prompt: str, seed: int, root: Path = Path("outputs")) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = root / f"{stamp}-{slug(prompt)}-{seed}"
+    return new_dir(root, f"{slug(prompt)}-{seed}")
+
+
+def new_dir(root: Path, name: str) -> Path:
+    """ROOT/<time>-NAME, or with -2, -3… appended: a folder name no earlier run has taken."""
+    base = root / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}"
     path, n = base, 1
     while path.exists():
         n += 1

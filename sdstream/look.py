@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 from . import frames as _frames
@@ -436,12 +435,7 @@ def align_runs(runs: list[Run], align: str | None = None) -> list[tuple[Frame, .
 
 
 def default_compare_dir(root: Path = Path("outputs")) -> Path:
-    base = root / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
+    return _frames.new_dir(root, "compare")
 
 
 def _prepare_out_dir(path: Path, overwrite: bool) -> None:

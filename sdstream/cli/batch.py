@@ -38,7 +38,7 @@ def batch(
     ctx: typer.Context,
     out: Annotated[
         Optional[Path],
-        typer.Option("--out", "-o", help="Batch folder: one run folder per line (default: ./outputs/batch-<time>)."),
+        typer.Option("--out", "-o", help="Batch folder: one run folder per line (default: ./outputs/<time>-batch)."),
     ] = None,
     keep_going: Annotated[bool, typer.Option("--keep-going", help="Run the valid lines even if some are bad.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Redo runs that are already complete in --out.")] = False,

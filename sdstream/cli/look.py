@@ -102,7 +102,7 @@ def compare(
         list[Path], typer.Argument(metavar="RUN_DIR", help="Two or more run folders; each is compared to the first.")
     ],
     out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Output folder (default: ./outputs/compare-<timestamp>).")
+        Optional[Path], typer.Option("--out", "-o", help="Output folder (default: ./outputs/<time>-compare).")
     ] = None,
     align: Annotated[
         Optional[str],
