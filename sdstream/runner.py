@@ -92,8 +92,9 @@ def run(
                   "progress": round(ev.progress, 2), "timestep": ev.timestep,
                   "frame": str(frame) if frame else None})
 
-        if not bool(torch.stack(finite).all()):
-            bad = manifest["first_step"] + int(torch.stack(finite).logical_not().nonzero()[0])
+        finite = torch.stack(finite)
+        if not bool(finite.all()):
+            bad = manifest["first_step"] + int(finite.logical_not().nonzero()[0])
             raise SdstreamError(
                 f"the latents became NaN/inf at step {bad} ({manifest['dtype']} on {device})",
                 hint="try --dtype fp32 (or bf16), a lower --guidance or --noise-strength",
