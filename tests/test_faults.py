@@ -212,3 +212,13 @@ def test_default_run_folders_are_unique(tmp_path):
     second = default_run_dir("../../etc/passwd\n\x1b[31m", 1, root=tmp_path)
     assert first.parent == second.parent == tmp_path and first != second
     assert first.name.endswith("-etc-passwd-31m-1")
+
+
+def test_sigterm_while_loading_exits_143_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "sdstream", "generate", "-m", "tiny", "--json", "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert json.loads(proc.stdout.readline())["event"] == "load"  # torch and the model are loading now
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert not out.exists()
