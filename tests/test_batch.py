@@ -270,3 +270,12 @@ def test_two_processes_split_the_runs_and_write_each_once(tmp_path):
     assert events[-1]["event"] == "summary" and events[-1]["complete"] == 5
     assert all(manifest(d)["status"] == "complete" for d in (tmp_path / "out").glob("0*"))
     assert json.loads((tmp_path / "out" / "batch.json").read_text())["counts"]["complete"] == 5
+
+
+def test_values_of_the_wrong_type_are_bad_lines_with_their_numbers(tmp_path):
+    lines = [{"prompt": "fine"}, {"prompt": 3}, {"prompt": "x", "compile": "yes"}]
+    with pytest.raises(BadLines) as bad:
+        plan(lines, tmp_path / "out", GenerationRequest(model="tiny"))
+    assert [(n, m.split(" is not allowed")[0]) for n, m in bad.value.errors] == [(2, "--prompt 3"),
+                                                                                (3, "--compile 'yes'")]
+    assert not (tmp_path / "out").exists()
