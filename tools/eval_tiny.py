@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,17 +28,20 @@ import shapes
 
 TARGETS = {"background": 0.95, "colour": 0.90, "shape": 0.75}  # at 25 steps, guidance 5
 LABELS = {"background": "backgrounds", "colour": "shape colours", "shape": "shape types", "all": "all three"}
-START, END = "<!-- eval:start -->", "<!-- eval:end -->"
+MARKS = {False: "eval", True: "eval-image-prompts"}  # the card's section for captions, for image prompts
 
 
-def generate(pipe, model: str, caption: str, seed: int, steps: int, guidance: float, scheduler: str):
-    """One picture through sdstream's own loop and decoder, as `sdstream generate` makes it."""
-    from sdstream.loop import denoise
+def generate(pipe, model: str, caption: str, seed: int, steps: int, guidance: float, scheduler: str,
+             prompt_image: str | None = None):
+    """One picture through sdstream's own loop and decoder, as `sdstream generate` (or `image-prompt`) makes it."""
+    from sdstream.loop import check_against_model, denoise
     from sdstream.preview import vae_decode
     from sdstream.request import GenerationRequest
 
-    req = GenerationRequest(model=model, prompt=caption, steps=steps, guidance=guidance, seed=seed,
-                            scheduler=scheduler, preview="none", device="cpu").validated()
+    req = GenerationRequest(model=model, prompt="" if prompt_image else caption, prompt_image=prompt_image,
+                            steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, preview="none",
+                            device="cpu").validated()
+    check_against_model(pipe, req)
     latents = None
     for event in denoise(pipe, req):
         latents = event.latents
@@ -52,8 +57,10 @@ def score(rows: list[dict]) -> dict:
 
 def card_section(result: dict) -> str:
     a = result["settings"]
+    prompted = ("**Image prompts**: each case prompted with its rendered ground-truth picture (`sdstream image-prompt`,"
+                " empty text) instead of its caption. " if a["image_prompts"] else "")
     lines = [
-        f"Held-out split of `tools/shapes.py`: {result['all']['n']} (caption, seed) cases"
+        prompted + f"Held-out split of `tools/shapes.py`: {result['all']['n']} (caption, seed) cases"
         + (f" (the first {a['limit']})" if a["limit"] else "")
         + f", generated with sdstream: {a['steps']} {a['scheduler'].upper()} steps, guidance {a['guidance']:g},"
         f" {a['dtype']}, CPU. Each picture is read back from pixel statistics (`shapes.classify`: border"
@@ -67,20 +74,21 @@ def card_section(result: dict) -> str:
         held = result["held_out"][k]
         lines.append(f"| {LABELS[k]} | {result['all'][k]:.1%} | "
                      f"{'-' if held is None else f'{held:.1%}'} | {f'>= {TARGETS[k]:.0%}' if k in TARGETS else ''} |")
-    limit = f" --limit {a['limit']}" if a["limit"] else ""
-    done = f"Evaluated {result['created']} in {result['seconds']:.0f} s by `python tools/eval_tiny.py --model DIR{limit}`."
+    flags = (f" --limit {a['limit']}" if a["limit"] else "") + (" --image-prompts" if a["image_prompts"] else "")
+    done = f"Evaluated {result['created']} in {result['seconds']:.0f} s by `python tools/eval_tiny.py --model DIR{flags}`."
     lines += ["", done]
     return "\n".join(lines)
 
 
-def write_card(model: Path, section: str) -> None:
+def write_card(model: Path, section: str, image_prompts: bool) -> None:
+    start, end = f"<!-- {MARKS[image_prompts]}:start -->", f"<!-- {MARKS[image_prompts]}:end -->"
     card = model / "README.md"
     text = card.read_text() if card.is_file() else "# tiny that draws\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + START + "\n" + section + "\n" + END + rest.split(END, 1)[1]
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + start + "\n" + section + "\n" + end + rest.split(end, 1)[1]
     else:
-        text = text.rstrip("\n") + f"\n\n## Evaluation\n\n{START}\n{section}\n{END}\n"
+        text = text.rstrip("\n") + f"\n\n{start}\n{section}\n{end}\n"
     card.write_text(text)
 
 
@@ -110,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     ap.add_argument("--threads", type=int, default=shapes.default_threads(),
                     help="torch threads (default: $OMP_NUM_THREADS if set, else every core)")
+    ap.add_argument("--image-prompts", action="store_true",
+                    help="prompt with the rendered picture of each case (image-prompt) instead of its caption")
     ap.add_argument("--sheet", type=Path, help="also save the generated pictures as one PNG")
     ap.add_argument("--json", type=Path, help="also save every case and the accuracies as JSON")
     ap.add_argument("--no-card", action="store_true", help="do not write the accuracies into DIR/README.md")
@@ -129,9 +139,15 @@ def main(argv=None) -> int:
     held = set(shapes.HOLDOUT)
     rows, pictures = [], []
     started = time.perf_counter()
-    for i, (colour, shape, background, seed) in enumerate(cases, 1):
+    truths = Path(tempfile.mkdtemp(prefix="eval-tiny-"))  # image prompts: the rendered ground truth as a PNG
+    for i, case in enumerate(cases, 1):
+        colour, shape, background, seed = case
         text = shapes.caption(colour, shape, background)
-        picture = generate(pipe, str(model), text, seed, a.steps, a.guidance, a.scheduler)
+        prompt_image = None
+        if a.image_prompts:
+            prompt_image = str(truths / f"{i}.png")
+            shapes.eval_truth(case).save(prompt_image)
+        picture = generate(pipe, str(model), text, seed, a.steps, a.guidance, a.scheduler, prompt_image)
         got = shapes.classify(picture)
         row = {"caption": text, "seed": seed, "held_out": (colour, shape, background) in held,
                "background": got["background"], "colour": got["colour"], "shape": got["shape"], "fill": got["fill"],
@@ -146,12 +162,13 @@ def main(argv=None) -> int:
         elif i % 20 == 0:
             print(f"  {i}/{len(cases)} ({time.perf_counter() - started:.0f} s)", flush=True)
     seconds = time.perf_counter() - started
+    shutil.rmtree(truths, ignore_errors=True)
 
     result = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": str(model),
         "settings": {"steps": a.steps, "guidance": a.guidance, "scheduler": a.scheduler, "dtype": a.dtype,
-                     "limit": a.limit},
+                     "limit": a.limit, "image_prompts": a.image_prompts},
         "seconds": round(seconds, 1),
         "all": score(rows),
         "held_out": score([r for r in rows if r["held_out"]]),
@@ -168,7 +185,7 @@ def main(argv=None) -> int:
             missed.append(k)
         print(f"  {LABELS[k]:14} {result['all'][k]:7.1%}   held out {'-' if h is None else f'{h:.1%}':>6}{verdict}")
     if not a.no_card:
-        write_card(model, card_section(result))
+        write_card(model, card_section(result), a.image_prompts)
         print(f"accuracies written into {model / 'README.md'}")
     if a.json:
         a.json.write_text(json.dumps({**result, "cases": rows}, indent=1) + "\n")

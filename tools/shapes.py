@@ -19,7 +19,7 @@ Only numpy and Pillow at import; torch is imported by sample_batch() alone.
 
 from __future__ import annotations
 
-import numpy as np  # noqa: TID253 (a tool, not the CLI)
+import numpy as np
 from PIL import Image, ImageDraw
 
 SIZE = 32  # picture side, px

@@ -5,16 +5,20 @@ sdstream (or diffusers) loads like any other, plus a model card README.md and tr
 
     python tools/train_tiny.py --out DIR                  # the full run (~1.5 h on 2 idle cores)
     python tools/train_tiny.py --out DIR --resume         # go on from DIR/checkpoint/ after a stop
+    python tools/train_tiny.py --out DIR --image-encoder  # phase 3: the CLIP vision tower for image prompts
     python tools/train_tiny.py --out /tmp/smoke --vae-steps 20 --unet-steps 20 --batch 8 --threads 1
     python tools/eval_tiny.py --model DIR                 # accuracies, written into DIR/README.md
     python tools/train_tiny.py --from DIR --out DIR16 --fp16   # an fp16 copy (half the size), to evaluate too
 
-Two phases:
+Three phases:
  1. VAE (AutoencoderKL, 32/64 channels, 4 latent channels, 32x32 -> 16x16): MSE + 1e-6 KL, then
     scaling_factor = 1 / std of its latents.
  2. UNet (UNet2DConditionModel, 64/128 channels, cross-attention in both blocks, ~4.2 M parameters)
     and text encoder (CLIPTextModel, width 64, 2 layers, 16 positions) together, VAE frozen:
     epsilon prediction on SD's scaled-linear schedule, 10 % empty captions for classifier-free guidance.
+ 3. CLIP vision tower (--image-encoder, on the finished model), everything else frozen: its feature
+    vector, repeated over the token positions as an image prompt uses it, must make the UNet draw the
+    picture (the UNet's own noise-prediction loss).
 The tokenizer is word-level in CLIP's BPE format: every word of the world is one token, anything
 else falls back to single characters.
 """
@@ -33,16 +37,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import numpy as np  # noqa: TID253
+import numpy as np
 import shapes
-import torch  # noqa: TID253
-
-from sdstream.tiny import tokenizer_files  # the one word-level CLIP BPE builder
+import torch
+from bpe import tokenizer_files
 
 MAX_LENGTH = 16  # token positions
 WIDTH = 64  # text encoder width = UNet cross-attention width
 BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 CHECKPOINT = "checkpoint/state.pt"
+IMAGE_ENCODER_MARK, IMAGE_ENCODER_END = "<!-- image-encoder:start -->", "<!-- image-encoder:end -->"
 WORLD_WORDS = ["a", "on", "background", *shapes.COLOURS, *shapes.SHAPES]
 
 
@@ -110,6 +114,24 @@ def make_unet():
     )
 
 
+def make_image_encoder():
+    """The tiny CLIP vision tower: 32x32 in, 8x8 patches of 4 px, one WIDTH-wide feature vector out."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2, num_attention_heads=4,
+        image_size=shapes.SIZE, patch_size=4, projection_dim=WIDTH,
+    ))
+
+
+def make_feature_extractor():
+    try:
+        from transformers import CLIPImageProcessorPil as Processor  # the PIL backend: no torchvision
+    except ImportError:
+        from transformers import CLIPImageProcessor as Processor
+    return Processor(size={"shortest_edge": shapes.SIZE}, crop_size={"height": shapes.SIZE, "width": shapes.SIZE})
+
+
 def make_inference_scheduler():
     from diffusers import DDIMScheduler
 
@@ -157,7 +179,8 @@ class Trainer:
             return False
         state = torch.load(path, weights_only=False)
         changed = {k: (v, vars(self.args).get(k)) for k, v in state["args"].items()
-                   if k not in ("resume", "threads", "overwrite", "checkpoint_every", "log_every", "fp16", "src")
+                   if k not in ("out", "resume", "threads", "overwrite", "checkpoint_every", "log_every", "fp16", "src",
+                                "unet_steps")  # a new length re-times the cosine decay from this step on
                    and vars(self.args).get(k) != v}
         if changed:
             sys.exit(f"--resume: settings differ from the checkpoint's (was, now): {changed}")
@@ -169,6 +192,9 @@ class Trainer:
         self.gen.set_state(state["gen"])
         self.log, self.seconds = state["log"], state["seconds"]
         self._opt_state = (state["opt"], state["lr"])
+        if state["args"]["unet_steps"] != self.args.unet_steps:
+            self.log.setdefault("length_changes", []).append(
+                {"at_step": self.unet_step, "was": state["args"]["unet_steps"], "now": self.args.unet_steps})
         print(f"resumed: VAE {'done' if self.scaling_factor else 'not done'}, UNet step {self.unet_step}", flush=True)
         return True
 
@@ -351,6 +377,10 @@ torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {tran
    (weight decay {a.weight_decay:g}), {min(a.warmup, a.unet_steps // 10)} warm-up steps then cosine decay, gradient
    clipping {a.clip:g}; noise-prediction MSE on DDPM's schedule (same betas); final loss {last}.
 
+3. {IMAGE_ENCODER_MARK}
+Image encoder not trained yet: `python tools/train_tiny.py --out DIR --image-encoder`.
+{IMAGE_ENCODER_END}
+
 Reproduce: `python tools/{info['command']}` (same seed and thread count: same weights).
 The full loss log is in `training.json`.
 
@@ -361,6 +391,91 @@ Not evaluated yet: run `python tools/eval_tiny.py --model DIR`.
 <!-- eval:end -->
 """
         (self.out / "README.md").write_text(card)
+
+
+def train_image_encoder(a) -> None:
+    """Phase 3, on the finished model in OUT: a tiny CLIP vision tower whose image features, repeated over
+    the 16 token positions as sdstream's image prompt uses them, make the frozen UNet draw the picture.
+    Loss: the UNet's noise-prediction MSE with that repeated vector as its encoder states; only the vision
+    tower learns. Writes image_encoder/ and feature_extractor/ into OUT and a paragraph into its card,
+    and the `--preview approx` colours of its VAE into OUT/sdstream.json."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    out = Path(a.out)
+    pipe = StableDiffusionPipeline.from_pretrained(out, dtype=torch.float32)
+    for m in (pipe.vae, pipe.unet, pipe.text_encoder):
+        m.eval().requires_grad_(False)
+    torch.manual_seed(a.seed + 3)
+    encoder, processor = make_image_encoder(), make_feature_extractor()
+    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    data = np.random.default_rng([a.seed, 3])
+    gen = torch.Generator().manual_seed(a.seed + 4)
+    noise_schedule = DDPMScheduler(**BETAS)
+    opt = torch.optim.AdamW(encoder.parameters(), lr=a.vision_lr, weight_decay=a.weight_decay)
+    lr = get_cosine_schedule_with_warmup(opt, min(a.warmup, a.vision_steps // 10), a.vision_steps)
+    scaling = pipe.vae.config.scaling_factor
+    log, window, started = [], [], time.perf_counter()
+    encoder.train()
+    for step in range(1, a.vision_steps + 1):
+        x, _ = shapes.sample_batch(a.vision_batch, data)
+        with torch.no_grad():
+            latents = pipe.vae.encode(x).latent_dist.sample(generator=gen) * scaling
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(x),), generator=gen)
+        pixels = ((x + 1) / 2 - mean) / std  # what the feature extractor makes of the same picture
+        features = encoder(pixel_values=pixels).image_embeds  # [B, WIDTH]
+        context = features[:, None, :].expand(-1, MAX_LENGTH, -1)
+        pred = pipe.unet(noise_schedule.add_noise(latents, noise, t), t, encoder_hidden_states=context).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), a.clip)
+        opt.step()
+        lr.step()
+        window.append(loss.item())
+        if step % a.log_every == 0 or step == a.vision_steps:
+            elapsed = time.perf_counter() - started
+            log.append({"step": step, "loss": round(float(np.mean(window)), 6), "seconds": round(elapsed, 1)})
+            print(f"image encoder {step:5d}/{a.vision_steps}  loss {np.mean(window):.5f}  {elapsed:7.1f} s", flush=True)
+            window = []
+    seconds = time.perf_counter() - started
+    encoder.eval().requires_grad_(False)
+    pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
+    size = save_pipeline(pipe, out, fp16=False)
+    _standard_processor_name(out / "model_index.json")
+    write_notes(out, latent_rgb=fit_latent_rgb(pipe.vae, scaling, data))
+    record = out / "training.json"
+    info = json.loads(record.read_text()) if record.is_file() else {}
+    info["image_encoder"] = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                             "parameters": n_params(encoder), "seconds": round(seconds, 1), "log": log}
+    record.write_text(json.dumps(info, indent=1) + "\n")
+    section = (f"Image prompts: a CLIPVisionModelWithProjection (width {WIDTH}, 2 layers, 4x4-px patches, "
+               f"{n_params(encoder):,} parameters) trained afterwards, everything else frozen, so that its image "
+               f"features repeated over the {MAX_LENGTH} token positions (sdstream's image prompt) make the UNet "
+               f"draw the picture: {a.vision_steps} steps, batch {a.vision_batch}, AdamW {a.vision_lr:g}, "
+               f"noise-prediction MSE through the frozen UNet; final loss {log[-1]['loss']}, "
+               f"{seconds / 60:.1f} min. Weights now {size / 2**20:.1f} MiB.")
+    card = out / "README.md"
+    if card.is_file():
+        text = card.read_text()
+        text = re.sub(r"Weights: safetensors, (\S+), [0-9.]+ MiB\.", rf"Weights: safetensors, \1, {size / 2**20:.1f} MiB.", text)
+        head, mark, rest = text.partition(IMAGE_ENCODER_MARK)
+        if mark and IMAGE_ENCODER_END in rest:
+            text = f"{head}{mark}\n{section}\n{IMAGE_ENCODER_END}{rest.split(IMAGE_ENCODER_END, 1)[1]}"
+        else:
+            text = f"{text.rstrip()}\n\n{section}\n"
+        card.write_text(text)
+
+
+def _standard_processor_name(index: Path) -> None:
+    """The PIL variant of CLIPImageProcessor is saved under its own class name; record the standard name,
+    as every Stable Diffusion folder does, so any version of transformers loads the folder."""
+    parts = json.loads(index.read_text())
+    if parts.get("feature_extractor", [None, None])[1] == "CLIPImageProcessorPil":
+        parts["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+        index.write_text(json.dumps(parts, indent=2, sort_keys=True) + "\n")
 
 
 def save_pipeline(pipe, out: Path, fp16: bool) -> int:
@@ -376,10 +491,7 @@ def save_pipeline(pipe, out: Path, fp16: bool) -> int:
             logging.set_verbosity(level)
     pipe.save_pretrained(out, safe_serialization=True)
     _slow_tokenizer_files(out / "tokenizer")
-    mode = 0o666 & ~_umask()  # safetensors writes 0600; a model folder to ship wants normal permissions
-    for f in out.rglob("*"):
-        if f.is_file():
-            f.chmod(mode)
+    _normal_permissions(out)
     size = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
     print(f"saved {out} ({size / 2**20:.1f} MiB of weights, {'fp16' if fp16 else 'fp32'})", flush=True)
     return size
@@ -404,6 +516,7 @@ def convert(src: Path, out: Path, fp16: bool) -> None:
         data = json.loads(config.read_text())
         data["dtype"] = str(dtype).removeprefix("torch.")
         config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    _normal_permissions(out)
     size = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
     card = out / "README.md"
     if card.is_file():  # the weights line; the evaluation stays the source's until eval_tiny runs on OUT
@@ -419,12 +532,39 @@ def _slow_tokenizer_files(folder: Path) -> None:
     vocab, merges = tokenizer_files(WORLD_WORDS)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    write_notes(folder.parent, vocabulary=WORLD_WORDS)  # sdstream refuses other words
 
 
-def _umask() -> int:
+def write_notes(out: Path, **notes) -> None:
+    """Merge NOTES into OUT/sdstream.json: what sdstream needs to know that diffusers' configs don't say."""
+    path = out / "sdstream.json"
+    merged = {**(json.loads(path.read_text()) if path.is_file() else {}), **notes}
+    path.write_text(json.dumps(merged, indent=1) + "\n")
+
+
+def fit_latent_rgb(vae, scaling: float, data: np.random.Generator, n: int = 512) -> dict:
+    """Least-squares linear map (with bias) from latents as the UNet sees them to the picture's RGB in
+    [-1, 1] at latent resolution: the `--preview approx` factors for this VAE."""
+    with torch.no_grad():
+        x, _ = shapes.sample_batch(n, data)
+        latents = vae.encode(x).latent_dist.mode() * scaling  # [N, 4, 16, 16]
+        target = torch.nn.functional.avg_pool2d(x, 2)  # [N, 3, 16, 16]
+    a = torch.cat([latents, torch.ones_like(latents[:, :1])], 1).permute(0, 2, 3, 1).reshape(-1, 5).double()
+    b = target.permute(0, 2, 3, 1).reshape(-1, 3).double()
+    solution = torch.linalg.lstsq(a, b).solution  # [5, 3]
+    error = float((a @ solution - b).abs().mean())
+    print(f"latent -> RGB preview factors: mean abs error {error:.3f} (of a -1..1 range)", flush=True)
+    return {"weights": [[round(float(v), 4) for v in row] for row in solution[:4]],
+            "bias": [round(float(v), 4) for v in solution[4]], "mean_abs_error": round(error, 4)}
+
+
+def _normal_permissions(out: Path) -> None:
+    """safetensors writes 0600; a model folder to ship wants the permissions of any other file."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    for f in out.rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~mask)
 
 
 def parse_args(argv=None):
@@ -445,6 +585,11 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
     ap.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
     ap.add_argument("--caption-dropout", type=float, default=0.1)
+    ap.add_argument("--image-encoder", action="store_true",
+                    help="phase 3 only: train the CLIP vision tower of the model already in OUT (for image prompts)")
+    ap.add_argument("--vision-steps", type=int, default=400)
+    ap.add_argument("--vision-batch", type=int, default=32)
+    ap.add_argument("--vision-lr", type=float, default=1e-3)
     ap.add_argument("--fp16", action="store_true", help="save the weights in fp16 (half the size)")
     ap.add_argument("--from", dest="src", type=Path,
                     help="no training: re-save this trained folder into OUT (with --fp16: an fp16 copy)")
@@ -456,7 +601,7 @@ def parse_args(argv=None):
     if a.batch:
         a.vae_batch = a.unet_batch = a.batch
     if a.log_every is None:
-        a.log_every = max(1, min(50, min(a.vae_steps, a.unet_steps) // 10 or 1))
+        a.log_every = max(1, min(50, min(a.vae_steps, a.unet_steps, a.vision_steps) // 10 or 1))
     return a
 
 
@@ -466,6 +611,9 @@ def main(argv=None) -> None:
     out = Path(a.out)
     if a.src:
         convert(a.src, out, a.fp16)
+        return
+    if a.image_encoder:
+        train_image_encoder(a)
         return
     if (out / "model_index.json").exists() and not a.overwrite:
         sys.exit(f"{out} already holds a model; give --overwrite to replace it")
@@ -486,7 +634,8 @@ def main(argv=None) -> None:
     trainer.train_unet()
     trainer.save()
     trainer.write_card(before + time.perf_counter() - t0)
-    shutil.rmtree(out / Path(CHECKPOINT).parent, ignore_errors=True)
+    if a.checkpoint_every:  # kept, so that a longer --unet-steps can go on from here with --resume
+        trainer.save_checkpoint()
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} min; now: python tools/eval_tiny.py --model {out}", flush=True)
 
 
