@@ -31,13 +31,14 @@ def sd15_random_folder(root: Path) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from sdstream.tiny import tokenizer_files
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from bpe import tokenizer_files
 
     path = root / "sd15-random"
     if (path / "model_index.json").exists():
         return path
     torch.manual_seed(0)
-    vocab, merges = tokenizer_files()
+    vocab, merges = tokenizer_files("a red circle on blue background".split())
     unet = UNet2DConditionModel(
         sample_size=64,
         block_out_channels=(320, 640, 1280, 1280),

@@ -4,7 +4,7 @@
 # Needs diffusers (and importlib_metadata) as wheels in .whl/ where the machine lacks them.
 set -u
 OUT=${OUT:-/tmp/gpu-check}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 SDSTREAM_HOME=/tmp/sdstream-home
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:.

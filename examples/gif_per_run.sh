@@ -12,7 +12,7 @@ OUT=${OUT:-outputs/gif-per-run}
 PROMPTS=${1:-}
 
 if [ -z "$PROMPTS" ]; then   # no file given: three prompts on stdin
-  printf '%s\n' "# three prompts" "a red circle on a blue background" "a lighthouse at dusk" "a bowl of fruit" |
+  printf '%s\n' "# three prompts" "a red circle on a blue background" "a white triangle on a black background" "a green square on a red background" |
     sdstream batch - --model "$MODEL" --steps "$STEPS" --gif --out "$OUT"
 else
   sdstream batch "$PROMPTS" --model "$MODEL" --steps "$STEPS" --gif --out "$OUT"

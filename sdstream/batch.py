@@ -29,6 +29,7 @@ from pathlib import Path
 from . import __version__, frames
 from .errors import BadInput
 from .request import GenerationRequest
+from .tiny import check_prompts, folder_notes
 
 SUMMARY = "batch.json"
 FIELDS = tuple(f.name for f in fields(GenerationRequest))  # value types are checked by validated()
@@ -210,6 +211,7 @@ def plan(
     for run in runs:
         try:
             run.request = replace(defaults, **run.values).validated()
+            check_prompts(run.request, folder_notes(run.request.model).get("vocabulary"))  # before any model loads
             run.seeded = "seed" in run.values or defaults.seed is not None
             if check:
                 check(run.request)

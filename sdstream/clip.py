@@ -9,7 +9,7 @@ With --image-weight W below 1 the conditional half is a blend with the text prom
     cond = W * image_embeds + (1 - W) * text_embeds
 
 That only works when D equals the UNet's cross-attention width, so the CLIP must fit the model
-family: ViT-L/14 (768) for SD 1.x, ViT-H/14 (1024) for SD 2.x, the embedded tiny CLIP (32) for
+family: ViT-L/14 (768) for SD 1.x, ViT-H/14 (1024) for SD 2.x, the embedded tiny CLIP (64) for
 `tiny`. The embedder is loaded only when an image prompt is used, once per process, on the
 pipeline's device and dtype, and cached by (source, device, dtype) like pipelines.
 """
@@ -28,7 +28,7 @@ from .errors import BadInput, SdstreamError
 ALIASES: dict[str, tuple[str, int, str]] = {
     "vit-l-14": ("openai/clip-vit-large-patch14", 768, "SD 1.x"),
     "vit-h-14": ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", 1024, "SD 2.x"),
-    "tiny": ("(embedded)", 32, "tiny"),
+    "tiny": ("(embedded)", 64, "tiny"),
 }
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CACHE: dict[tuple[str, str, str], ClipEmbedder] = {}

@@ -39,7 +39,6 @@ def collect() -> dict:
         "mps": mps(),
         "choice": choice(),
         "huggingface": huggingface(),
-        "sdstream_cache": _sdstream_cache(),
     }
 
 
@@ -160,15 +159,9 @@ def huggingface() -> dict:
         "hf_home": constants.HF_HOME,
         "offline": bool(constants.HF_HUB_OFFLINE),
         "env": {name: os.environ.get(name) for name in ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE",
-                                                        "TRANSFORMERS_OFFLINE", "SDSTREAM_MODEL", "SDSTREAM_HOME")},
+                                                        "TRANSFORMERS_OFFLINE", "SDSTREAM_MODEL")},
         "hf_token_set": bool(os.environ.get("HF_TOKEN")),
     }
-
-
-def _sdstream_cache() -> str:
-    from .tiny import cache_root
-
-    return str(cache_root())
 
 
 def check() -> dict:
@@ -267,11 +260,12 @@ def placement(model: str) -> dict:
 def models() -> list[dict]:
     """Every alias: where it comes from, whether it is on disk, where and how big."""
     from .registry import ALIASES, default_model
+    from .tiny import tiny_path
 
     default = default_model()
     rows = []
     for alias, (repo, family, description) in ALIASES.items():
-        path = _tiny_folder() if alias == "tiny" else _hub_snapshot(repo)
+        path = tiny_path() if alias == "tiny" else _hub_snapshot(repo)
         rows.append({
             "alias": alias, "source": repo, "family": family, "description": description,
             "on_disk": path is not None, "path": str(path) if path else None,
@@ -279,17 +273,6 @@ def models() -> list[dict]:
             "default": alias == default,
         })
     return rows
-
-
-def _tiny_folder() -> Path:
-    """tiny is always available: built here on first use (quietly: the build imports diffusers)."""
-    from .tiny import TINY_VERSION, cache_root, tiny_path
-
-    if not (cache_root() / f"tiny-v{TINY_VERSION}" / "model_index.json").is_file():
-        from .loader import quiet_libraries
-
-        quiet_libraries()
-    return tiny_path()
 
 
 def _hub_repo_folder(repo: str) -> Path:

@@ -124,6 +124,8 @@ def _load(source: ModelSource, device: str, dtype, speed: Speed):
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from .tiny import model_notes
+
     where = str(local_folder(source)) if source.kind != "hub" else source.location
     kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
@@ -131,6 +133,7 @@ def _load(source: ModelSource, device: str, dtype, speed: Speed):
     except Exception as e:  # classify hub failures into messages with a next step
         raise _load_error(source, e) from e
     pipe.set_progress_bar_config(disable=True)
+    pipe.sdstream_notes = model_notes(where) if source.kind != "hub" else {}  # a toy's vocabulary, preview colours
     # Attention already runs through PyTorch's scaled_dot_product_attention (diffusers' default processor).
     if speed.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)

@@ -24,6 +24,7 @@ from .images import fit, open_image
 from .masks import mask_from_image, mask_tensor
 from .request import GenerationRequest
 from .schedulers import make_scheduler
+from .tiny import check_prompts
 
 
 @dataclass
@@ -66,6 +67,8 @@ def check_against_model(pipe, req: GenerationRequest) -> None:
     for k in req.inject_steps(total):
         if not first <= k <= total:
             raise BadInput(f"--inject-at-step {k} is outside this run's steps: give a step from {first} to {total}")
+    # a toy model's closed vocabulary: a word it never saw is an error, not a silent fall-back to characters
+    check_prompts(req, getattr(pipe, "sdstream_notes", {}).get("vocabulary"))
     if req.prompt_image is not None:
         embedder_for(pipe, req.clip_model)  # loads the CLIP; its width must be the UNet's cross-attention width
 

@@ -76,14 +76,17 @@ class Previewer:
     def __init__(self, pipe, mode: str, source: str, taesd: str | None = None):
         self.pipe, self.mode, self.source = pipe, mode, source
         device = pipe._execution_device  # with --cpu-offload, pipe.device says cpu
-        self.rgb = torch.tensor(SD1_LATENT_RGB, device=device, dtype=pipe.unet.dtype)
+        # a model folder's own factors (sdstream.json, see tiny.py), else SD 1.x's
+        factors = getattr(pipe, "sdstream_notes", {}).get("latent_rgb", {"weights": SD1_LATENT_RGB, "bias": (0, 0, 0)})
+        self.rgb = torch.tensor(factors["weights"], device=device, dtype=pipe.unet.dtype)
+        self.bias = torch.tensor(factors["bias"], device=device, dtype=pipe.unet.dtype)
         self.taesd = load_taesd(taesd or DEFAULT_TAESD, device, pipe.vae.dtype) if mode == "taesd" else None
 
     def __call__(self, event) -> torch.Tensor:
         latents = event.denoised if self.source == "x0" else event.latents
         with torch.inference_mode():
             if self.mode == "approx":
-                image = torch.einsum("bchw,cr->bhwr", latents, self.rgb)[0]
+                image = torch.einsum("bchw,cr->bhwr", latents, self.rgb)[0] + self.bias
             else:
                 if self.mode == "vae":
                     image = self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor, return_dict=False)[0]

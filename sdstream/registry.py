@@ -20,7 +20,7 @@ ALIASES: dict[str, tuple[str, str, str]] = {
         "DDPO fine-tune of SD 1.4 for JPEG incompressibility",
     ),
     "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "SD 1.x", "Stable Diffusion 1.5"),
-    "tiny": ("(embedded)", "SD 1.x", "embedded offline model built by sdstream, for tests and demos"),
+    "tiny": ("(embedded)", "toy", "toy SD trained by sdstream on coloured shapes, 32x32, offline: demos and tests"),
 }
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-# One tiny build per test session, outside the user's cache.
-os.environ.setdefault("SDSTREAM_HOME", str(Path(__file__).parent / ".cache"))
 
 
 @pytest.fixture(scope="session")

@@ -24,15 +24,15 @@ TINY = ["-m", "tiny", "--steps", "3", "--width", "16", "--height", "16"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 2 shared cores: more threads than cores makes tiny steps 50x slower
 
 MIXED = "\n".join([
-    '{"prompt": "a fox", "seed": 3, "mask": "edges", "inject-at-step": 2}',
+    '{"prompt": "a red circle", "seed": 3, "mask": "edges", "inject-at-step": 2}',
     "",
     '{"prompt": "bad", "steps": 0}',
     '{"prompt": "unknown", "colour": "red"}',
     "not json",
-    '{"prompt": "an owl / at night?", "inject_at_step": [1, 2], "mask": "circle", "seed": 5}',
-    '{"prompt": "too late", "mask": "circle", "inject_at_step": 9}',
+    '{"prompt": "a blue square / on black?", "inject_at_step": [1, 2], "mask": "circle", "seed": 5}',
+    '{"prompt": "a green triangle", "mask": "circle", "inject_at_step": 9}',
 ]) + "\n"
-PROMPTS = "# prompts for the test\na red fox\n\n   an owl   \n# done\na cat\n"
+PROMPTS = "# prompts for the test\na red circle\n\n   a blue square   \n# done\na black triangle\n"
 
 
 @pytest.fixture(scope="module")
@@ -130,19 +130,19 @@ def test_keep_going_runs_the_valid_lines_from_stdin(cli, capsys, tmp_path):
     assert events[-1]["complete"] == 2 and events[-1]["failed"] == 4 and events[-1]["exit_code"] == 1
     assert (runs[3]["status"], runs[3]["run_dir"]) == ("failed", None)
     assert runs[3]["error"].startswith("--steps 0 is not allowed: give a whole number from 1 to ")
-    fox, owl = manifest(out / "0001-a-fox"), manifest(out / "0006-an-owl-at-night")
-    assert fox["status"] == owl["status"] == "complete"
-    assert (fox["injected_at"], fox["request"]["mask"], fox["seed"]) == ([2], "edges", 3)
-    assert (owl["injected_at"], owl["seed"]) == ([1, 2], 5) and runs[6]["seed"] == 5
+    circle, square = manifest(out / "0001-a-red-circle"), manifest(out / "0006-a-blue-square-on-black")
+    assert circle["status"] == square["status"] == "complete"
+    assert (circle["injected_at"], circle["request"]["mask"], circle["seed"]) == ([2], "edges", 3)
+    assert (square["injected_at"], square["seed"]) == ([1, 2], 5) and runs[6]["seed"] == 5
     # a run that fails at run time (the step is outside a 3-step run) is recorded and the others go on
-    late = manifest(out / "0007-too-late")
+    late = manifest(out / "0007-a-green-triangle")
     assert late["status"] == "failed" and "--inject-at-step 9" in late["error"] and runs[7]["status"] == "failed"
-    assert sorted(p.name for p in out.iterdir()) == ["0001-a-fox", "0006-an-owl-at-night", "0007-too-late",
+    assert sorted(p.name for p in out.iterdir()) == ["0001-a-red-circle", "0006-a-blue-square-on-black", "0007-a-green-triangle",
                                                      "batch.json"]
     summary = json.loads((out / "batch.json").read_text())
     assert summary["counts"] == {"runs": 6, "complete": 2, "failed": 4, "interrupted": 0, "pending": 0, "skipped": 0}
     assert [r["line"] for r in summary["rows"]] == [1, 3, 4, 5, 6, 7]
-    assert "line 3" in stderr and "0006-an-owl-at-night" in stderr  # the summary table
+    assert "line 3" in stderr and "0006-a-blue-square-on-black" in stderr  # the summary table
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +161,8 @@ def test_plain_text_prompts_take_the_command_line_defaults(cli, capsys, prompts,
     code, stdout, stderr = cli(capsys, *PLAIN, "--out", "out")
     assert code == 0, stderr
     dirs = sorted((prompts / "out").glob("0*"))
-    assert [d.name for d in dirs] == ["0002-a-red-fox", "0004-an-owl", "0006-a-cat"]
-    for d, prompt in zip(dirs, ["a red fox", "an owl", "a cat"]):
+    assert [d.name for d in dirs] == ["0002-a-red-circle", "0004-a-blue-square", "0006-a-black-triangle"]
+    for d, prompt in zip(dirs, ["a red circle", "a blue square", "a black triangle"]):
         m = manifest(d)
         assert m["status"] == "complete" and m["request"]["prompt"] == prompt
         assert {k: m["request"][k] for k in ("model", "steps", "guidance", "scheduler", "seed", "width",
@@ -183,16 +183,16 @@ def test_rerun_redoes_only_what_is_not_complete_and_force_redoes_all(cli, capsys
     out = prompts / "out"
     if not (out / "batch.json").exists():
         assert cli(capsys, *PLAIN, "--out", "out")[0] == 0
-    owl = out / "0004-an-owl" / "run.json"
-    m = manifest(owl.parent)
-    owl.write_text(json.dumps({**m, "status": "interrupted"}))
+    square = out / "0004-a-blue-square" / "run.json"
+    m = manifest(square.parent)
+    square.write_text(json.dumps({**m, "status": "interrupted"}))
     others = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("000[26]-*/run.json")}
 
     code, stdout, stderr = cli(capsys, *PLAIN, "--out", "out")
     assert code == 0, stderr
     runs = {e["line"]: e for e in json_lines(stdout) if e["event"] == "run"}
     assert {line: e["skipped"] for line, e in runs.items()} == {2: True, 4: False, 6: True}
-    assert manifest(owl.parent)["status"] == "complete"
+    assert manifest(square.parent)["status"] == "complete"
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in others} == others
 
     code, stdout, stderr = cli(capsys, *PLAIN, "--out", "out", "--force", "--steps", "2")
@@ -216,13 +216,13 @@ def test_ctrl_c_stops_the_batch_and_a_rerun_finishes_it(cli, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt) as stop:
-        run_batch(["a", "b", "c"], out, defaults, sinks=(ctrl_c_in_second_run,), on_event=events.append)
+        run_batch(["red", "green", "blue"], out, defaults, sinks=(ctrl_c_in_second_run,), on_event=events.append)
     result = stop.value.batch_result
     assert [r["status"] for r in result.rows] == ["complete", "interrupted", "pending"] and result.exit_code == 130
-    assert manifest(out / "0002-b")["status"] == "interrupted" and not (out / "0003-c").exists()
+    assert manifest(out / "0002-green")["status"] == "interrupted" and not (out / "0003-blue").exists()
     assert json.loads((out / "batch.json").read_text())["interrupted"] is True
 
-    result = run_batch(["a", "b", "c"], out, defaults)  # the library resumes like the command
+    result = run_batch(["red", "green", "blue"], out, defaults)  # the library resumes like the command
     assert [(r["status"], r["skipped"]) for r in result.rows] == [("complete", True), ("complete", False),
                                                                   ("complete", False)]
     assert result.exit_code == 0
@@ -250,7 +250,7 @@ def _free_port() -> int:
 
 
 def test_two_processes_split_the_runs_and_write_each_once(tmp_path):
-    (tmp_path / "five.txt").write_text("one\ntwo\nthree\nfour\nfive\n")
+    (tmp_path / "five.txt").write_text("red\ngreen\nblue\nyellow\nwhite\n")
     # On a machine without CUDA, `accelerate launch --cpu` starts ONE process (multi-CPU needs mpirun);
     # `--multi_gpu` starts torchrun's processes, which join over gloo on the CPU.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -273,9 +273,19 @@ def test_two_processes_split_the_runs_and_write_each_once(tmp_path):
 
 
 def test_values_of_the_wrong_type_are_bad_lines_with_their_numbers(tmp_path):
-    lines = [{"prompt": "fine"}, {"prompt": 3}, {"prompt": "x", "compile": "yes"}]
+    lines = [{"prompt": "a red circle"}, {"prompt": 3}, {"prompt": "red", "compile": "yes"}]
     with pytest.raises(BadLines) as bad:
         plan(lines, tmp_path / "out", GenerationRequest(model="tiny"))
     assert [(n, m.split(" is not allowed")[0]) for n, m in bad.value.errors] == [(2, "--prompt 3"),
                                                                                 (3, "--compile 'yes'")]
+    assert not (tmp_path / "out").exists()
+
+
+def test_words_the_model_does_not_know_are_bad_lines_before_anything_loads(tmp_path):
+    with pytest.raises(BadLines) as bad:
+        plan(["a red circle", "a fox", "a blue square", "ok", "a red triangle"], tmp_path / "out",
+             GenerationRequest(model="tiny"))
+    assert [line for line, _ in bad.value.errors] == [2, 4]
+    assert bad.value.errors[0][1].startswith("--prompt: the model 'tiny' does not know 'fox'; it knows only these "
+                                             "words: a on background red")
     assert not (tmp_path / "out").exists()

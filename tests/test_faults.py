@@ -222,3 +222,15 @@ def test_sigterm_while_loading_exits_143_and_writes_nothing(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
     assert not out.exists()
+
+
+def test_a_broken_sdstream_json_in_a_model_folder_names_the_file(tmp_path):
+    from sdstream.tiny import model_notes
+
+    assert model_notes(tmp_path) == {}  # no notes: nothing to add to what diffusers' configs say
+    (tmp_path / "sdstream.json").write_text("[1, 2]")
+    with pytest.raises(BadInput, match=r"sdstream.json is not readable: not a JSON object"):
+        model_notes(tmp_path)
+    (tmp_path / "sdstream.json").write_text("{not json")
+    with pytest.raises(BadInput, match=r"sdstream.json is not readable"):
+        model_notes(tmp_path)

@@ -18,7 +18,7 @@ from conftest import json_lines, sdstream_cli
 def fox(tmp_path_factory):
     """One full CLI run with a mask and --json, shared by the checks below."""
     out = tmp_path_factory.mktemp("runs") / "fox"
-    proc = sdstream_cli("generate", "-p", "a fox in snow", "-m", "tiny", "--mask", "circle", "--inject-at-step", "6",
+    proc = sdstream_cli("generate", "-p", "a yellow circle on a blue background", "-m", "tiny", "--mask", "circle", "--inject-at-step", "6",
                         "--seed", "42", "--steps", "12", "--json", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     return out, proc
@@ -54,7 +54,7 @@ def test_json_events_on_stdout_and_nothing_else(fox):
 def test_final_png_carries_a1111_parameters(fox):
     out, _ = fox
     info = Image.open(out / "final.png").text
-    assert info["parameters"].splitlines()[0] == "a fox in snow"
+    assert info["parameters"].splitlines()[0] == "a yellow circle on a blue background"
     assert "Steps: 12, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 32x32, Model: tiny" in info["parameters"]
     assert json.loads(info["sdstream"])["seed"] == 42
 

@@ -33,11 +33,11 @@ def other_photo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> dict[str, Path]:
-    """Two whole CLIPModels (text and vision towers) saved as folders: one fits tiny (32), one doesn't (48)."""
+    """Two whole CLIPModels (text and vision towers) saved as folders: one fits tiny (64), one doesn't (48)."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
     folders = {}
-    for width in (32, 48):
+    for width in (64, 48):
         config = CLIPConfig(
             text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                              vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
@@ -85,20 +85,21 @@ def test_same_photo_same_pixels_different_photo_different(tiny, other_photo):
 def test_unet_gets_clip_image_features_repeated_over_the_token_positions(tiny):
     from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
-    from sdstream.tiny import MAX_LENGTH, tiny_path
+    from sdstream.tiny import tiny_path
 
     _, states = run(tiny, prompt_image=str(PHOTO), negative_prompt="green", steps=2)
     assert len(states) == 2 and all(torch.equal(s, states[0]) for s in states)
     uncond, cond = states[0].chunk(2)
 
     # Computed here with transformers alone, from the tiny folder's image_encoder and feature_extractor.
-    encoder = CLIPVisionModelWithProjection.from_pretrained(tiny_path() / "image_encoder").eval()
+    encoder = CLIPVisionModelWithProjection.from_pretrained(tiny_path() / "image_encoder", dtype=torch.float32).eval()
     processor = CLIPImageProcessorPil.from_pretrained(tiny_path() / "feature_extractor")
     with torch.no_grad():
         pixels = processor(images=Image.open(PHOTO).convert("RGB"), return_tensors="pt")["pixel_values"]
         features = encoder(pixel_values=pixels).image_embeds
-    assert features.shape == (1, 32) and cond.shape == (1, MAX_LENGTH, 32)
-    torch.testing.assert_close(cond, features[:, None, :].expand(1, MAX_LENGTH, 32), rtol=1e-5, atol=1e-6)
+    positions = tiny.tokenizer.model_max_length
+    assert features.shape == (1, 64) and cond.shape == (1, positions, 64)
+    torch.testing.assert_close(cond, features[:, None, :].expand(1, positions, 64), rtol=1e-5, atol=1e-6)
 
     # The unconditional half is still the negative prompt's text embedding.
     with torch.no_grad():
@@ -109,17 +110,17 @@ def test_unet_gets_clip_image_features_repeated_over_the_token_positions(tiny):
 def test_a_whole_clip_model_folder_uses_get_image_features(tiny, clips):
     from transformers import CLIPImageProcessorPil, CLIPModel
 
-    _, states = run(tiny, prompt_image=str(PHOTO), clip_model=str(clips[32]), steps=1)
+    _, states = run(tiny, prompt_image=str(PHOTO), clip_model=str(clips[64]), steps=1)
     cond = states[0].chunk(2)[1]
-    model = CLIPModel.from_pretrained(clips[32]).eval()
-    pixels = CLIPImageProcessorPil.from_pretrained(clips[32])(images=Image.open(PHOTO).convert("RGB"),
+    model = CLIPModel.from_pretrained(clips[64]).eval()
+    pixels = CLIPImageProcessorPil.from_pretrained(clips[64])(images=Image.open(PHOTO).convert("RGB"),
                                                               return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         features = model.get_image_features(pixel_values=pixels)
     features = features if torch.is_tensor(features) else features.pooler_output
     torch.testing.assert_close(cond, features[:, None, :].expand_as(cond), rtol=1e-5, atol=1e-6)
     # loaded once, cached by (source, device, dtype)
-    assert clip.embedder_for(tiny, str(clips[32])) is clip.embedder_for(tiny, str(clips[32]))
+    assert clip.embedder_for(tiny, str(clips[64])) is clip.embedder_for(tiny, str(clips[64]))
 
 
 def test_image_weight_blends_image_and_text(tiny):
@@ -159,7 +160,7 @@ def test_a_clip_of_the_wrong_width_is_refused_before_the_run_folder(tiny, clips,
     result = cli("image-prompt", str(PHOTO), "--clip-model", str(clips[48]), "-o", str(out))
     assert result.exit_code == 2, result.output
     [line] = result.stderr.strip().splitlines()
-    assert "48-wide image embeddings" in line and "cross-attention is 32 wide" in line and "--clip-model tiny" in line
+    assert "48-wide image embeddings" in line and "cross-attention is 64 wide" in line and "--clip-model tiny" in line
     assert not out.exists()
 
 

@@ -24,11 +24,22 @@ def last_event(tiny):
     return list(denoise(tiny, req))[-1]
 
 
-def test_approx_is_the_linear_map_at_latent_resolution(tiny, last_event):
+def approx(latents, weights, bias):
+    image = torch.einsum("chw,cr->hwr", latents[0], torch.tensor(weights)) + torch.tensor(bias)
+    return ((image + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+
+
+def test_approx_is_the_models_own_linear_map_at_latent_resolution(tiny, last_event):
+    factors = tiny.sdstream_notes["latent_rgb"]  # fitted to tiny's VAE by tools/train_tiny.py (its sdstream.json)
     picture = Previewer(tiny, "approx", "x0")(last_event)
     assert picture.dtype == torch.uint8 and picture.shape == (16, 16, 3)
-    expected = torch.einsum("chw,cr->hwr", last_event.denoised[0], torch.tensor(SD1_LATENT_RGB))
-    assert torch.equal(picture, ((expected + 1) * 127.5).clamp(0, 255).to(torch.uint8))
+    assert torch.equal(picture, approx(last_event.denoised, factors["weights"], factors["bias"]))
+
+
+def test_approx_without_the_models_own_factors_uses_sd1s(tiny, last_event, monkeypatch):
+    monkeypatch.setattr(tiny, "sdstream_notes", {})
+    picture = Previewer(tiny, "approx", "x0")(last_event)
+    assert torch.equal(picture, approx(last_event.denoised, SD1_LATENT_RGB, (0, 0, 0)))
 
 
 def test_vae_preview_of_the_last_latent_is_the_final_image(tiny, last_event):
@@ -61,3 +72,22 @@ def test_taesd_not_on_disk_offline_is_a_clear_error(tmp_path):
                         env={"HF_HOME": str(tmp_path / "hf")})
     assert proc.returncode == 1 and "madebyollin/taesd" in proc.stderr and "--preview approx" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
+
+
+def test_taesd_from_a_local_folder_decodes_x0_into_every_frame(tiny, last_event, tmp_path):
+    from diffusers import AutoencoderTiny
+
+    folder = tmp_path / "taesd"  # an AutoencoderTiny that upsamples 2x, as tiny's VAE does (random weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        taesd = AutoencoderTiny(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+                                num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)).eval()
+    taesd.save_pretrained(folder)
+    picture = Previewer(tiny, "taesd", "x0", str(folder))(last_event)
+    with torch.no_grad():
+        expected = taesd.decode(last_event.denoised).sample[0].permute(1, 2, 0)
+    assert torch.equal(picture, ((expected + 1) * 127.5).clamp(0, 255).to(torch.uint8))
+
+    sdstream.run(GenerationRequest(model="tiny", steps=3, seed=1, preview="taesd", taesd=str(folder)), tmp_path / "r")
+    frames = sorted((tmp_path / "r" / "frames").iterdir())
+    assert [Image.open(f).size for f in frames] == [(32, 32)] * 3

@@ -314,7 +314,7 @@ class DevTools:
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs chromium (apt-get install chromium)")
 def test_ui_streams_frames_in_headless_chromium(server, tmp_path):
-    url = server.replace("127.0.0.1", "localhost") + "/ui?prompt=a%20fox&model=tiny&steps=4&seed=5&autorun=1"
+    url = server.replace("127.0.0.1", "localhost") + "/ui?prompt=a%20red%20circle&model=tiny&steps=4&seed=5&autorun=1"
     browser = DevTools(url, tmp_path / "profile")
     try:
         browser.attach_page()

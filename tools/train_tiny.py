@@ -407,19 +407,26 @@ def train_image_encoder(a) -> None:
     for m in (pipe.vae, pipe.unet, pipe.text_encoder):
         m.eval().requires_grad_(False)
     torch.manual_seed(a.seed + 3)
-    encoder, processor = make_image_encoder(), make_feature_extractor()
+    encoder, processor = pipe.image_encoder or make_image_encoder(), make_feature_extractor()  # go on from one
+    joint = a.vision_unet_lr > 0  # the UNet learns too: half of each batch keeps its text captions
+    if joint:
+        pipe.unet.train().requires_grad_(True)
     mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
     data = np.random.default_rng([a.seed, 3])
     gen = torch.Generator().manual_seed(a.seed + 4)
     noise_schedule = DDPMScheduler(**BETAS)
-    opt = torch.optim.AdamW(encoder.parameters(), lr=a.vision_lr, weight_decay=a.weight_decay)
+    groups = [{"params": list(encoder.parameters()), "lr": a.vision_lr}]
+    if joint:
+        groups.append({"params": list(pipe.unet.parameters()), "lr": a.vision_unet_lr})
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=a.weight_decay)
     lr = get_cosine_schedule_with_warmup(opt, min(a.warmup, a.vision_steps // 10), a.vision_steps)
     scaling = pipe.vae.config.scaling_factor
     log, window, started = [], [], time.perf_counter()
     encoder.train()
     for step in range(1, a.vision_steps + 1):
-        x, _ = shapes.sample_batch(a.vision_batch, data)
+        x, captions = shapes.sample_batch(a.vision_batch, data)
         with torch.no_grad():
             latents = pipe.vae.encode(x).latent_dist.sample(generator=gen) * scaling
         noise = torch.randn(latents.shape, generator=gen)
@@ -427,11 +434,19 @@ def train_image_encoder(a) -> None:
         pixels = ((x + 1) / 2 - mean) / std  # what the feature extractor makes of the same picture
         features = encoder(pixel_values=pixels).image_embeds  # [B, WIDTH]
         context = features[:, None, :].expand(-1, MAX_LENGTH, -1)
+        if joint:  # the first half by caption (10 % empty, as in phase 2), the second half by picture
+            half = len(x) // 2
+            drop = data.random(half) < a.caption_dropout
+            ids = pipe.tokenizer(["" if d else c for c, d in zip(captions[:half], drop)], padding="max_length",
+                                 max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+            with torch.no_grad():
+                text = pipe.text_encoder(ids)[0]
+            context = torch.cat([text, context[half:]])
         pred = pipe.unet(noise_schedule.add_noise(latents, noise, t), t, encoder_hidden_states=context).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(encoder.parameters(), a.clip)
+        torch.nn.utils.clip_grad_norm_(params, a.clip)
         opt.step()
         lr.step()
         window.append(loss.item())
@@ -442,6 +457,7 @@ def train_image_encoder(a) -> None:
             window = []
     seconds = time.perf_counter() - started
     encoder.eval().requires_grad_(False)
+    pipe.unet.eval().requires_grad_(False)
     pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
     size = save_pipeline(pipe, out, fp16=False)
     _standard_processor_name(out / "model_index.json")
@@ -451,11 +467,13 @@ def train_image_encoder(a) -> None:
     info["image_encoder"] = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                              "parameters": n_params(encoder), "seconds": round(seconds, 1), "log": log}
     record.write_text(json.dumps(info, indent=1) + "\n")
+    how = (f"with the UNet fine-tuned at AdamW {a.vision_unet_lr:g}, half of each batch still by caption" if joint
+           else "everything else frozen")
     section = (f"Image prompts: a CLIPVisionModelWithProjection (width {WIDTH}, 2 layers, 4x4-px patches, "
-               f"{n_params(encoder):,} parameters) trained afterwards, everything else frozen, so that its image "
+               f"{n_params(encoder):,} parameters) trained afterwards ({how}), so that its image "
                f"features repeated over the {MAX_LENGTH} token positions (sdstream's image prompt) make the UNet "
                f"draw the picture: {a.vision_steps} steps, batch {a.vision_batch}, AdamW {a.vision_lr:g}, "
-               f"noise-prediction MSE through the frozen UNet; final loss {log[-1]['loss']}, "
+               f"noise-prediction MSE through the UNet; final loss {log[-1]['loss']}, "
                f"{seconds / 60:.1f} min. Weights now {size / 2**20:.1f} MiB.")
     card = out / "README.md"
     if card.is_file():
@@ -590,6 +608,8 @@ def parse_args(argv=None):
     ap.add_argument("--vision-steps", type=int, default=400)
     ap.add_argument("--vision-batch", type=int, default=32)
     ap.add_argument("--vision-lr", type=float, default=1e-3)
+    ap.add_argument("--vision-unet-lr", type=float, default=0.0,
+                    help="phase 3: also fine-tune the UNet at this lr, half of each batch by caption (0: UNet frozen)")
     ap.add_argument("--fp16", action="store_true", help="save the weights in fp16 (half the size)")
     ap.add_argument("--from", dest="src", type=Path,
                     help="no training: re-save this trained folder into OUT (with --fp16: an fp16 copy)")

@@ -210,7 +210,6 @@ def _render_diagnostics(f: dict) -> None:
         ("device (--device auto)", ch["device"]),
         ("dtype (--dtype auto)", ch["dtype"]),
         ("model (default)", ch["model"]),
-        ("sdstream cache", f["sdstream_cache"]),
     ]))
     out.print(_kv("Hugging Face", [
         ("hub cache", hf["hub_cache"]),
