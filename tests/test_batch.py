@@ -72,7 +72,7 @@ def test_formats_keys_and_folder_names(tmp_path):
     assert runs == [(1, {"prompt": "a"}), (2, {"prompt": "b", "inject_at_step": (4,), "mask": "edges"})]
     text = tmp_path / "p.txt"
     text.write_text("\n# comment\na {curly} prompt\n  ../../etc/passwd  \n日本語 ✓\n")
-    planned = plan(text, tmp_path / "out", GenerationRequest(model="tiny", seed=1))
+    planned = plan(text, tmp_path / "out", GenerationRequest(model="sd15", seed=1))  # a hub model: any word goes
     assert [(r.line, r.request.prompt) for r in planned] == [
         (3, "a {curly} prompt"), (4, "../../etc/passwd"), (5, "日本語 ✓")]
     assert [r.run_dir.name for r in planned] == ["0003-a-curly-prompt", "0004-etc-passwd", "0005-run"]
