@@ -14,6 +14,18 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")
+def shapes():
+    """tools/shapes.py (the world tiny was trained on, and its pixel classifier), imported from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sdstream_tools_shapes", Path(__file__).parents[1] / "tools" / "shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
 def tiny():
     """The loaded tiny pipeline (cached in-process like every pipeline)."""
     import sdstream

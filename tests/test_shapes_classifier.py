@@ -6,23 +6,10 @@ measure the classifier rather than the model. numpy and Pillow only: no torch, w
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "tools" / "shapes.py"
-
-
-@pytest.fixture(scope="module")
-def shapes():
-    spec = importlib.util.spec_from_file_location("sdstream_tools_shapes", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_classifier_reads_every_eval_case_back(shapes):

@@ -8,9 +8,6 @@ the picture it is given. The cases and seeds are fixed; the evaluation in the mo
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,17 +18,7 @@ from sdstream.masks import mask_array
 from sdstream.preview import vae_decode
 from sdstream.request import GenerationRequest
 
-_SHAPES = Path(__file__).resolve().parents[1] / "tools" / "shapes.py"
 TINY = dict(model="tiny", device="cpu", steps=25, guidance=5.0)  # the model card's evaluation settings
-
-
-@pytest.fixture(scope="module")
-def shapes():
-    spec = importlib.util.spec_from_file_location("sdstream_tools_shapes", _SHAPES)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def draw(pipe, **kw):
