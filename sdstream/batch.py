@@ -208,10 +208,13 @@ def plan(
         parsed, errors = e.parsed, list(e.errors)
     runs = [BatchRun(line, values) for line, values in parsed]
     width = max([4] + [len(str(line)) for line, _ in parsed + errors])
+    notes: dict[str | None, dict] = {}  # per model, read once: its folder's sdstream.json
     for run in runs:
         try:
             run.request = replace(defaults, **run.values).validated()
-            check_prompts(run.request, folder_notes(run.request.model).get("vocabulary"))  # before any model loads
+            if run.request.model not in notes:
+                notes[run.request.model] = folder_notes(run.request.model)
+            check_prompts(run.request, notes[run.request.model].get("vocabulary"))  # before any model loads
             run.seeded = "seed" in run.values or defaults.seed is not None
             if check:
                 check(run.request)
