@@ -101,6 +101,9 @@ def denoise(pipe, req: GenerationRequest, *, cancelled=lambda: False) -> Iterato
         timesteps = scheduler.timesteps[first - 1 :]
         if first > 1 and hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(first - 1)
+        # x0, for schedulers that don't return it, reads alpha_t on the host: keep the table there
+        # (add_noise below moves some schedulers' own copy to the device, where a read is a sync)
+        alphas = scheduler.alphas_cumprod.cpu()
 
         # 3. Initial latents: pure noise, or the encoded picture noised to the first timestep.
         picture = req.init_image or req.start_image
@@ -140,7 +143,8 @@ def denoise(pipe, req: GenerationRequest, *, cancelled=lambda: False) -> Iterato
             out = scheduler.step(noise_pred, t, latents, **step_kwargs)
             denoised = getattr(out, "pred_original_sample", None)
             if denoised is None:  # DPM++, UniPC and PNDM don't return x0: compute it
-                denoised = _x0(scheduler, latents, noise_pred, t_value)
+                alpha = float(alphas[int(round(t_value))])
+                denoised = _x0(latents, noise_pred, alpha, scheduler.config.prediction_type)
             # Euler-type schedulers compute in fp32; keep the run in the model's dtype
             latents, denoised = out.prev_sample.to(dtype), denoised.to(dtype)
         yield StepEvent(step, total, first, int(t_value), latents, denoised, step in inject_at,
@@ -174,9 +178,11 @@ def _inject(latents, mask, req: GenerationRequest, step: int, scheduler, t) -> t
     return latents + req.noise_strength * unit * mask * noise
 
 
-def _x0(scheduler, latents, model_output, t: int) -> torch.Tensor:
-    """The clean-latent estimate x0 on a variance-preserving latent, from the model's prediction."""
-    alpha = scheduler.alphas_cumprod[int(round(t))].to(device=latents.device, dtype=latents.dtype)
-    if scheduler.config.prediction_type == "v_prediction":
-        return alpha.sqrt() * latents - (1 - alpha).sqrt() * model_output
-    return (latents - (1 - alpha).sqrt() * model_output) / alpha.sqrt()
+def _x0(latents, model_output, alpha: float, prediction_type: str) -> torch.Tensor:
+    """The clean-latent estimate x0 on a variance-preserving latent, from the model's prediction.
+
+    alpha (alpha-bar at this step) is a Python number: a tensor would be uploaded, a blocking copy, every step.
+    """
+    if prediction_type == "v_prediction":
+        return alpha**0.5 * latents - (1 - alpha) ** 0.5 * model_output
+    return (latents - (1 - alpha) ** 0.5 * model_output) / alpha**0.5

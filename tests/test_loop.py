@@ -13,7 +13,7 @@ from PIL import Image
 import sdstream
 from sdstream import frames, masks
 from sdstream.errors import SdstreamError
-from sdstream.loop import _inject, denoise
+from sdstream.loop import _inject, _x0, denoise
 from sdstream.request import GenerationRequest
 
 
@@ -75,6 +75,19 @@ def test_x0_estimate_is_available_for_every_scheduler(tiny):
     for name in ("ddim", "dpm++-2m", "unipc", "pndm", "lms", "euler"):
         evs = list(denoise(tiny, GenerationRequest(model="tiny", steps=4, seed=1, scheduler=name).validated()))
         assert all(torch.isfinite(e.denoised).all() and e.denoised.shape == e.latents.shape for e in evs), name
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_x0_formula_matches_ddims_own_estimate(tiny, prediction):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(tiny.scheduler.config, prediction_type=prediction)
+    scheduler.set_timesteps(10)
+    latents, model_output = torch.randn(2, 1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = scheduler.timesteps[3]
+    expected = scheduler.step(model_output, t, latents).pred_original_sample
+    alpha = float(scheduler.alphas_cumprod[int(t)])
+    assert torch.allclose(_x0(latents, model_output, alpha, prediction), expected, atol=1e-5)
 
 
 def test_cancel_keeps_frames_and_marks_interrupted(tiny, tmp_path):

@@ -1,0 +1,94 @@
+"""No per-step traffic between host and GPU in the loop, checked without a GPU.
+
+A blocking device->host read (`.item()`, `bool(t)`, `.cpu()`) or a host->device copy stalls the
+CPU until the GPU has drained its queue, so it serialises kernel launches with GPU work. Here the
+`meta` device stands in for the GPU: every tensor of the pipeline lives there (shapes, no data),
+and a dispatch mode records each op that reads a meta value on the host, or that brings a CPU
+tensor (other than a 0-dim scalar operand, which CUDA kernels take by value) onto the device.
+"""
+
+from __future__ import annotations
+
+import copy
+from itertools import pairwise
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sdstream.loop import denoise
+from sdstream.preview import Previewer
+from sdstream.request import GenerationRequest
+
+aten = torch.ops.aten
+READS = {aten.item.default, aten._local_scalar_dense.default, aten.is_nonzero.default}
+COPIES = {aten._to_copy.default, aten.copy_.default, aten.to.dtype_layout, aten.to.device, aten.to.dtype, aten.to.other}
+
+
+class Traffic(TorchDispatchMode):
+    """Records host<->device traffic, with `meta` as the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.log: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if func in READS and tensors[0].is_meta:  # a meta tensor has no value: answer as a GPU would, after a sync
+            self.log.append(f"read {func}")
+            return False if tensors[0].dtype == torch.bool else 1
+        out = func(*args, **kwargs)
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
+        if any(o.is_meta for o in outs) and any(not t.is_meta and (t.dim() or func in COPIES) for t in tensors):
+            self.log.append(f"upload {func}")
+        if any(not o.is_meta for o in outs) and any(t.is_meta for t in tensors):
+            self.log.append(f"download {func}")
+        return out
+
+
+@pytest.fixture(scope="module")
+def on_meta(tiny):
+    return copy.deepcopy(tiny).to("meta")
+
+
+def traffic_per_step(pipe, **kw) -> tuple[list[str], list[list[str]], list]:
+    """(traffic before the first step, traffic of each later step, the events)."""
+    req = GenerationRequest(model="tiny", steps=6, seed=1, prompt="a red circle", **kw).validated()
+    traffic, marks, events = Traffic(), [], []
+    with traffic:
+        for event in denoise(pipe, req):
+            marks.append(len(traffic.log))
+            events.append(event)
+    log = traffic.log
+    return log[: marks[0]], [log[a:b] for a, b in pairwise(marks)], events
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm++-2m", "pndm", "lms"])
+def test_steps_make_no_host_device_traffic(on_meta, scheduler):
+    setup, steps, events = traffic_per_step(on_meta, scheduler=scheduler)
+    assert events[-1].latents.is_meta and events[-1].denoised.is_meta  # the run did happen on the "GPU"
+    assert setup and steps == [[]] * len(steps), steps  # uploads (token ids, noise, timesteps) happen once, up front
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm++-2m", "pndm", "lms"])
+def test_img2img_steps_make_no_host_device_traffic(on_meta, scheduler, tmp_path):
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / "init.png")
+    _, steps, _ = traffic_per_step(on_meta, scheduler=scheduler, init_image=str(tmp_path / "init.png"), strength=0.8)
+    assert steps == [[]] * len(steps), steps
+
+
+def test_injection_uploads_its_noise_once(on_meta):
+    _, steps, events = traffic_per_step(on_meta, mask="circle", inject_at_step=(3,))
+    assert [len(s) for s in steps] == [1 if e.injected else 0 for e in events[1:]]  # CPU noise, for reproducibility
+
+
+@pytest.mark.parametrize("mode", ["approx", "vae"])
+def test_previews_stay_on_the_device(on_meta, mode):
+    _, _, events = traffic_per_step(on_meta)
+    previewer, traffic = Previewer(on_meta, mode, "x0"), Traffic()
+    with traffic:
+        picture = previewer(events[-1])
+    assert picture.is_meta and picture.dtype == torch.uint8 and traffic.log == []
