@@ -36,6 +36,15 @@ for args in "--preview approx --mask circle --inject-at-step 6" "--preview vae -
   check /tmp/run$i fp16 20 | tee -a "$OUT/cuda_path.txt"
 done
 python3 -m sdstream generate -m tiny --seed 1 --steps 12 --dtype bf16 --gif --quiet -o /tmp/runbf16 && check /tmp/runbf16 bf16 12 | tee -a "$OUT/cuda_path.txt"
+# --compile (CUDA graphs) unguided with PNDM, which keeps the UNet's outputs: same picture as eager
+for c in "" "--compile"; do
+  python3 -m sdstream generate -m tiny -p "a red circle" --seed 2 --steps 12 --guidance 1 --scheduler pndm --quiet $c -o /tmp/runpndm$c || echo "FAIL generate $c"
+done
+check /tmp/runpndm--compile fp16 12 | tee -a "$OUT/cuda_path.txt"
+python3 -c "
+import numpy as np; from PIL import Image
+a, b = (np.asarray(Image.open(f'/tmp/runpndm{c}/final.png'), dtype=float) for c in ('', '--compile'))
+d = np.abs(a - b).mean(); print('OK  ' if d < 2 else 'FAIL', 'compiled vs eager final.png mean abs diff', round(d, 3))" | tee -a "$OUT/cuda_path.txt"
 python3 -m sdstream diagnostics --check --json > "$OUT/diagnostics.json" || echo "FAIL diagnostics --check"
 echo "tiny checks done at $SECONDS s"
 timeout "${BENCH_SECONDS:-330}" python3 benchmarks/bench.py --full-size --repeats "${REPEATS:-3}" --compile 2>&1 | grep -v '^\[transformers\]' | tee "$OUT/bench.txt"

@@ -139,6 +139,8 @@ def denoise(pipe, req: GenerationRequest, *, cancelled=lambda: False) -> Iterato
             if guided:
                 noise_uncond, noise_text = noise_pred.chunk(2)
                 noise_pred = noise_uncond + req.guidance * (noise_text - noise_uncond)
+            else:  # with --compile on CUDA it is CUDA-graph memory that the next call overwrites; PNDM keeps it
+                noise_pred = noise_pred.clone()
 
             out = scheduler.step(noise_pred, t, latents, **step_kwargs)
             denoised = getattr(out, "pred_original_sample", None)
