@@ -87,8 +87,9 @@ def test_injection_uploads_its_noise_once(on_meta):
 
 @pytest.mark.parametrize("mode", ["approx", "vae"])
 def test_previews_stay_on_the_device(on_meta, mode):
-    _, _, events = traffic_per_step(on_meta)
+    req = GenerationRequest(model="tiny", steps=2, seed=1, prompt="a red circle").validated()
+    *_, last = denoise(on_meta, req)
     previewer, traffic = Previewer(on_meta, mode, "x0"), Traffic()
     with traffic:
-        picture = previewer(events[-1])
+        picture = previewer(last)
     assert picture.is_meta and picture.dtype == torch.uint8 and traffic.log == []

@@ -6,10 +6,8 @@ measure the classifier rather than the model. numpy and Pillow only: no torch, w
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-
 
 
 def test_classifier_reads_every_eval_case_back(shapes):

@@ -8,7 +8,6 @@ the picture it is given. The cases and seeds are fixed; the evaluation in the mo
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from conftest import sdstream_cli
@@ -62,7 +61,8 @@ def test_img2img_at_low_strength_keeps_the_init_images_background(tiny, shapes, 
     assert shapes.classify(draw(tiny, prompt=prompt, seed=6))["background"] == "black"
 
 
-@pytest.mark.parametrize("colour,shape,background,seed", [("blue", "square", "white", 1), ("yellow", "circle", "blue", 3)])
+@pytest.mark.parametrize("colour,shape,background,seed",
+                         [("blue", "square", "white", 1), ("yellow", "circle", "blue", 3)])
 def test_image_prompt_draws_the_colours_of_the_picture_it_is_given(tiny, shapes, tmp_path, colour, shape, background,
                                                                    seed):
     photo = tmp_path / "photo.png"  # no text at all: only the picture says what to draw
