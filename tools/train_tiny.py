@@ -42,6 +42,8 @@ import shapes
 import torch
 from bpe import tokenizer_files
 
+from sdstream.tiny import NOTES_FILE, model_notes
+
 MAX_LENGTH = 16  # token positions
 WIDTH = 64  # text encoder width = UNet cross-attention width
 BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
@@ -555,9 +557,7 @@ def _slow_tokenizer_files(folder: Path) -> None:
 
 def write_notes(out: Path, **notes) -> None:
     """Merge NOTES into OUT/sdstream.json: what sdstream needs to know that diffusers' configs don't say."""
-    path = out / "sdstream.json"
-    merged = {**(json.loads(path.read_text()) if path.is_file() else {}), **notes}
-    path.write_text(json.dumps(merged, indent=1) + "\n")
+    (out / NOTES_FILE).write_text(json.dumps({**model_notes(out), **notes}, indent=1) + "\n")
 
 
 def fit_latent_rgb(vae, scaling: float, data: np.random.Generator, n: int = 512) -> dict:
