@@ -15,7 +15,7 @@ DEFAULT_TAESD = "madebyollin/taesd"
 
 # Linear map from SD 1.x latent channels (as the UNet sees them) to RGB in [-1, 1]: the factors
 # A1111's "Approx cheap" and ComfyUI's SD15 latent preview use. About free: one 4x3 matmul per pixel
-# of the 1/8-size latent; the writer thread scales the picture up to the output size.
+# of the 1/8-size latent. Frames are written at that size; `sheet`, `animate` and the web UI scale them up.
 SD1_LATENT_RGB = (
     (0.3512, 0.2297, 0.3227),
     (0.3250, 0.4974, 0.2350),
