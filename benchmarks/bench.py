@@ -1,7 +1,8 @@
 """Frame-recording overhead: sdstream against diffusers' own pipeline, in one process and one run.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench.py                 # CPU: tiny at 64x64, 20 steps
-    HF_HUB_OFFLINE=1 python benchmarks/bench.py --full-size     # GPU: SD 1.5 architecture, random weights, 512², 50 steps
+    HF_HUB_OFFLINE=1 python benchmarks/bench.py --full-size     # GPU: SD 1.5 architecture, random weights,
+                                                                #      512², 50 steps
 
 It times, on the same model, size, steps and seed:
   (a)  diffusers StableDiffusionPipeline, no per-step work                       (the baseline)

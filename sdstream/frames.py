@@ -127,7 +127,9 @@ class FrameWriter:
         self.folder, self.fmt = folder, fmt
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._threads = [threading.Thread(target=self._work, name="sdstream-frames", daemon=True) for _ in range(threads)]
+        self._threads = [
+            threading.Thread(target=self._work, name="sdstream-frames", daemon=True) for _ in range(threads)
+        ]
         for thread in self._threads:
             thread.start()
 

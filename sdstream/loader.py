@@ -92,7 +92,9 @@ def local_folder(source: ModelSource) -> Path:
         raise BadInput(f"--model {source.name!r}: model_index.json is unreadable ({e})") from None
     missing = [p for p in REQUIRED_PARTS if p not in parts or not (path / p).is_dir()]
     if missing:
-        raise BadInput(f"--model {source.name!r} is not a complete Stable Diffusion folder: missing {', '.join(missing)}")
+        raise BadInput(
+            f"--model {source.name!r} is not a complete Stable Diffusion folder: missing {', '.join(missing)}"
+        )
     return path
 
 

@@ -52,7 +52,9 @@ def resolve(model: str | None) -> ModelSource:
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise BadInput(f"--model {name!r} is a file; a local model must be a diffusers folder with model_index.json")
+            raise BadInput(
+                f"--model {name!r} is a file; a local model must be a diffusers folder with model_index.json"
+            )
         return ModelSource(name, "local", str(path.resolve()))
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise BadInput(f"--model {name!r}: no such folder")

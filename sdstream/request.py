@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from . import masks
-from .schedulers import SCHEDULERS
 from .errors import BadInput
+from .schedulers import SCHEDULERS
 
 _SCHEDULER_ALIASES = {
     "euler-ancestral": "euler-a",

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from . import __version__, frames, registry
 from .request import GenerationRequest

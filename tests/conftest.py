@@ -18,7 +18,8 @@ def shapes():
     """tools/shapes.py (the world tiny was trained on, and its pixel classifier), imported from its file."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("sdstream_tools_shapes", Path(__file__).parents[1] / "tools" / "shapes.py")
+    path = Path(__file__).parents[1] / "tools" / "shapes.py"
+    spec = importlib.util.spec_from_file_location("sdstream_tools_shapes", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

@@ -137,8 +137,9 @@ def test_keep_going_runs_the_valid_lines_from_stdin(cli, capsys, tmp_path):
     # a run that fails at run time (the step is outside a 3-step run) is recorded and the others go on
     late = manifest(out / "0007-a-green-triangle")
     assert late["status"] == "failed" and "--inject-at-step 9" in late["error"] and runs[7]["status"] == "failed"
-    assert sorted(p.name for p in out.iterdir()) == ["0001-a-red-circle", "0006-a-blue-square-on-black", "0007-a-green-triangle",
-                                                     "batch.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "0001-a-red-circle", "0006-a-blue-square-on-black", "0007-a-green-triangle", "batch.json"
+    ]
     summary = json.loads((out / "batch.json").read_text())
     assert summary["counts"] == {"runs": 6, "complete": 2, "failed": 4, "interrupted": 0, "pending": 0, "skipped": 0}
     assert [r["line"] for r in summary["rows"]] == [1, 3, 4, 5, 6, 7]

@@ -9,17 +9,16 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
-
 from conftest import json_lines, sdstream_cli
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
 def fox(tmp_path_factory):
     """One full CLI run with a mask and --json, shared by the checks below."""
     out = tmp_path_factory.mktemp("runs") / "fox"
-    proc = sdstream_cli("generate", "-p", "a yellow circle on a blue background", "-m", "tiny", "--mask", "circle", "--inject-at-step", "6",
-                        "--seed", "42", "--steps", "12", "--json", "-o", str(out))
+    proc = sdstream_cli("generate", "-p", "a yellow circle on a blue background", "-m", "tiny", "--mask", "circle",
+                        "--inject-at-step", "6", "--seed", "42", "--steps", "12", "--json", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     return out, proc
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import json_lines, sdstream_cli
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
-from conftest import json_lines, sdstream_cli
 from sdstream import clip
 from sdstream.errors import BadInput
 from sdstream.loop import check_against_model, denoise

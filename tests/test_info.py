@@ -9,13 +9,12 @@ import sys
 from importlib import metadata
 
 import pytest
+from conftest import sdstream_cli
 from PIL import Image
 
 from sdstream import __version__
 from sdstream.masks import PATTERNS
 from sdstream.registry import ALIASES
-
-from conftest import sdstream_cli
 
 HEAVY = ("torch", "diffusers", "transformers")
 
@@ -27,7 +26,8 @@ def test_version():
 
 
 @pytest.mark.parametrize(
-    "args", [["--help"], ["--version"], ["diagnostics", "--help"], ["masks"], ["masks", "--json"], ["masks", "--preview"]]
+    "args",
+    [["--help"], ["--version"], ["diagnostics", "--help"], ["masks"], ["masks", "--json"], ["masks", "--preview"]],
 )
 def test_light_commands_do_not_import_torch(args, tmp_path):
     if args[-1] == "--preview":
@@ -100,7 +100,8 @@ def test_models_json_sees_the_hub_cache(tmp_path):
     for alias, (source, family, _) in ALIASES.items():
         assert rows[alias]["source"] == source and rows[alias]["family"] == family
     sd15 = rows["sd15"]
-    assert sd15["on_disk"] and sd15["path"] == str(snapshot) and sd15["size_bytes"] == 1000 + len("c0ffee") and sd15["default"]
+    assert sd15["on_disk"] and sd15["path"] == str(snapshot) and sd15["default"]
+    assert sd15["size_bytes"] == 1000 + len("c0ffee")
     aesthetic = rows["aesthetic"]
     assert not aesthetic["on_disk"] and aesthetic["path"] is None and aesthetic["size_bytes"] is None
     tiny = rows["tiny"]

@@ -131,7 +131,8 @@ def test_stream_four_steps(server):
     assert [e["progress"] for e in steps] == [25.0, 50.0, 75.0, 100.0]
     frame = Image.open(io.BytesIO(base64.b64decode(steps[1]["image"], validate=True)))
     assert frame.format == "JPEG" and frame.size == (32, 32)
-    assert final["done"] is True and final["seed"] == 7 and final["step"] == 4 and (final["width"], final["height"]) == (32, 32)
+    assert final["done"] is True and final["seed"] == 7 and final["step"] == 4
+    assert (final["width"], final["height"]) == (32, 32)
     assert Image.open(io.BytesIO(base64.b64decode(final["image"]))).format == "JPEG"
     assert Image.open(io.BytesIO(base64.b64decode(final["png"]))).size == (32, 32)
     # same request, same seed: the same picture
@@ -153,7 +154,8 @@ def test_stream_four_steps(server):
         ({"steps": "4"}, "steps: Input should be a valid integer"),
         ({"colour": "red"}, "colour: Extra inputs are not permitted"),
         ({"model": "someone/else"}, "model 'someone/else' is not served here"),
-        ({"steps": 4, "noise_mask_type": "circle", "inject_at_step": 9}, "inject_at_step 9 is outside"),  # needs the model
+        # needs the model
+        ({"steps": 4, "noise_mask_type": "circle", "inject_at_step": 9}, "inject_at_step 9 is outside"),
         ({"width": 33}, "width 33 is not a multiple of 2"),
     ],
 )

@@ -75,7 +75,8 @@ def card_section(result: dict) -> str:
         lines.append(f"| {LABELS[k]} | {result['all'][k]:.1%} | "
                      f"{'-' if held is None else f'{held:.1%}'} | {f'>= {TARGETS[k]:.0%}' if k in TARGETS else ''} |")
     flags = (f" --limit {a['limit']}" if a["limit"] else "") + (" --image-prompts" if a["image_prompts"] else "")
-    done = f"Evaluated {result['created']} in {result['seconds']:.0f} s by `python tools/eval_tiny.py --model DIR{flags}`."
+    command = f"python tools/eval_tiny.py --model DIR{flags}"
+    done = f"Evaluated {result['created']} in {result['seconds']:.0f} s by `{command}`."
     lines += ["", done]
     return "\n".join(lines)
 

@@ -168,9 +168,11 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "args": vars(self.args), "scaling_factor": self.scaling_factor, "unet_step": self.unet_step,
-            "vae": self.vae.state_dict(), "unet": self.unet.state_dict(), "text_encoder": self.text_encoder.state_dict(),
+            "vae": self.vae.state_dict(), "unet": self.unet.state_dict(),
+            "text_encoder": self.text_encoder.state_dict(),
             "opt": self.opt.state_dict() if self.opt else None, "lr": self.lr.state_dict() if self.lr else None,
-            "data": self.data.bit_generator.state, "gen": self.gen.get_state(), "log": self.log, "seconds": self.seconds,
+            "data": self.data.bit_generator.state, "gen": self.gen.get_state(),
+            "log": self.log, "seconds": self.seconds,
         }
         torch.save(state, path.with_suffix(".tmp"))
         os.replace(path.with_suffix(".tmp"), path)
@@ -234,7 +236,8 @@ class Trainer:
         self.log["vae_eval"] = self.vae_eval
         self.seconds["vae"] += time.perf_counter() - started
         print(f"vae  done: latents mean {self.vae_eval['latent_mean']} std {self.vae_eval['latent_std']}"
-              f" -> scaling_factor {self.scaling_factor:.4f}; held-out recon mse {self.vae_eval['recon_mse']}", flush=True)
+              f" -> scaling_factor {self.scaling_factor:.4f}; held-out recon mse {self.vae_eval['recon_mse']}",
+              flush=True)
 
     # -- phase 2
     def ids(self, captions: list[str]) -> torch.Tensor:
@@ -391,7 +394,7 @@ The full loss log is in `training.json`.
 <!-- eval:start -->
 Not evaluated yet: run `python tools/eval_tiny.py --model DIR`.
 <!-- eval:end -->
-"""
+"""  # noqa: E501 (markdown table rows are one line each)
         (self.out / "README.md").write_text(card)
 
 
@@ -480,7 +483,8 @@ def train_image_encoder(a) -> None:
     card = out / "README.md"
     if card.is_file():
         text = card.read_text()
-        text = re.sub(r"Weights: safetensors, (\S+), [0-9.]+ MiB\.", rf"Weights: safetensors, \1, {size / 2**20:.1f} MiB.", text)
+        weights = rf"Weights: safetensors, \1, {size / 2**20:.1f} MiB."
+        text = re.sub(r"Weights: safetensors, (\S+), [0-9.]+ MiB\.", weights, text)
         head, mark, rest = text.partition(IMAGE_ENCODER_MARK)
         if mark and IMAGE_ENCODER_END in rest:
             text = f"{head}{mark}\n{section}\n{IMAGE_ENCODER_END}{rest.split(IMAGE_ENCODER_END, 1)[1]}"
@@ -586,7 +590,9 @@ def _normal_permissions(out: Path) -> None:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", required=True, help="output folder (a diffusers StableDiffusionPipeline folder)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=shapes.default_threads(),
@@ -656,7 +662,8 @@ def main(argv=None) -> None:
     trainer.write_card(before + time.perf_counter() - t0)
     if a.checkpoint_every:  # kept, so that a longer --unet-steps can go on from here with --resume
         trainer.save_checkpoint()
-    print(f"done in {(time.perf_counter() - t0) / 60:.1f} min; now: python tools/eval_tiny.py --model {out}", flush=True)
+    minutes = (time.perf_counter() - t0) / 60
+    print(f"done in {minutes:.1f} min; now: python tools/eval_tiny.py --model {out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ click command (so the two can't drift apart), then turned into a request by requ
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
 def batch(
     ctx: typer.Context,
     out: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--out", "-o", help="Batch folder: one run folder per line (default: ./outputs/<time>-batch)."),
     ] = None,
     keep_going: Annotated[bool, typer.Option("--keep-going", help="Run the valid lines even if some are bad.")] = False,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,13 +29,15 @@ def register(app: typer.Typer) -> None:
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to draw.", rich_help_panel=G_PROMPT)] = "",
     negative_prompt: Annotated[
-        str, typer.Option(help="What to steer away from (the unconditional half of guidance).", rich_help_panel=G_PROMPT)
+        str,
+        typer.Option(help="What to steer away from (the unconditional half of guidance).", rich_help_panel=G_PROMPT),
     ] = "",
     guidance: Annotated[
-        float, typer.Option(help="Classifier-free guidance scale; guidance is off at 1 or below.", rich_help_panel=G_PROMPT)
+        float,
+        typer.Option(help="Classifier-free guidance scale; guidance is off at 1 or below.", rich_help_panel=G_PROMPT),
     ] = 7.5,
     prompt_image: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             help="Use this photo as the prompt: its CLIP image features, repeated over the token positions, "
             "replace the text prompt's embedding (the unconditional half stays --negative-prompt's).",
@@ -50,7 +52,7 @@ def generate(
         ),
     ] = 1.0,
     clip_model: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="CLIP for the photo: vit-l-14, vit-h-14, tiny, a Hugging Face repo id or a local folder. "
             "Default: the one that fits the model (ViT-L/14 for SD 1.x, the tiny CLIP for tiny).",
@@ -58,7 +60,7 @@ def generate(
         ),
     ] = None,
     model: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--model",
             "-m",
@@ -70,26 +72,36 @@ def generate(
     steps: Annotated[int, typer.Option(help="Denoising steps.", rich_help_panel=G_MODEL)] = 20,
     scheduler: Annotated[
         str,
-        typer.Option(help="ddim, euler, euler-a, dpm++-2m, dpm++-2m-karras, pndm, lms or unipc.", rich_help_panel=G_MODEL),
+        typer.Option(
+            help="ddim, euler, euler-a, dpm++-2m, dpm++-2m-karras, pndm, lms or unipc.", rich_help_panel=G_MODEL
+        ),
     ] = "ddim",
-    width: Annotated[Optional[int], typer.Option(help="Width in pixels (default: the model's).", rich_help_panel=G_MODEL)] = None,
-    height: Annotated[Optional[int], typer.Option(help="Height in pixels (default: the model's).", rich_help_panel=G_MODEL)] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed (default: random, recorded in run.json).", rich_help_panel=G_MODEL)] = None,
+    width: Annotated[
+        int | None, typer.Option(help="Width in pixels (default: the model's).", rich_help_panel=G_MODEL)
+    ] = None,
+    height: Annotated[
+        int | None, typer.Option(help="Height in pixels (default: the model's).", rich_help_panel=G_MODEL)
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Random seed (default: random, recorded in run.json).", rich_help_panel=G_MODEL)
+    ] = None,
     init_image: Annotated[
-        Optional[Path], typer.Option(help="img2img: start from this picture.", rich_help_panel=G_IMAGE)
+        Path | None, typer.Option(help="img2img: start from this picture.", rich_help_panel=G_IMAGE)
     ] = None,
     strength: Annotated[
-        Optional[float],
-        typer.Option(help="img2img strength, 0-1: how much of the schedule is re-run (default 0.75).", rich_help_panel=G_IMAGE),
+        float | None,
+        typer.Option(
+            help="img2img strength, 0-1: how much of the schedule is re-run (default 0.75).", rich_help_panel=G_IMAGE
+        ),
     ] = None,
     start_image: Annotated[
-        Optional[Path], typer.Option(help="Encode this picture and denoise it from --start-step.", rich_help_panel=G_IMAGE)
+        Path | None, typer.Option(help="Encode this picture and denoise it from --start-step.", rich_help_panel=G_IMAGE)
     ] = None,
     start_step: Annotated[
-        Optional[int], typer.Option(help="The step (1..steps) at which --start-image enters.", rich_help_panel=G_IMAGE)
+        int | None, typer.Option(help="The step (1..steps) at which --start-image enters.", rich_help_panel=G_IMAGE)
     ] = None,
     mask: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="circle, square, edges, corners, left-half, right-half, top-half, bottom-half, checkerboard, "
             "or a grey-level image (white = full noise).",
@@ -97,46 +109,87 @@ def generate(
         ),
     ] = None,
     inject_at_step: Annotated[
-        Optional[list[int]],
-        typer.Option(help="Step at which to inject noise; repeatable. Default with --mask: 30% into the run.", rich_help_panel=G_MASK),
+        list[int] | None,
+        typer.Option(
+            help="Step at which to inject noise; repeatable. Default with --mask: 30% into the run.",
+            rich_help_panel=G_MASK,
+        ),
     ] = None,
     noise_strength: Annotated[
-        float, typer.Option(help="Injected noise, 0-2, in units of the latent's noise level at that step.", rich_help_panel=G_MASK)
+        float,
+        typer.Option(
+            help="Injected noise, 0-2, in units of the latent's noise level at that step.", rich_help_panel=G_MASK
+        ),
     ] = 1.0,
     out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Run folder (default: a new folder under ./outputs).", rich_help_panel=G_OUT)
+        Path | None,
+        typer.Option("--out", "-o", help="Run folder (default: a new folder under ./outputs).", rich_help_panel=G_OUT),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier run in --out.", rich_help_panel=G_OUT)] = False,
     preview: Annotated[
         str,
-        typer.Option(help="Frame decoder: approx (about free), vae (full quality), taesd, none.", rich_help_panel=G_OUT),
+        typer.Option(
+            help="Frame decoder: approx (about free), vae (full quality), taesd, none.", rich_help_panel=G_OUT
+        ),
     ] = "approx",
     frame_source: Annotated[
-        str, typer.Option(help="x0 (the model's clean estimate, legible) or latent (the noisy state).", rich_help_panel=G_OUT)
+        str,
+        typer.Option(
+            help="x0 (the model's clean estimate, legible) or latent (the noisy state).", rich_help_panel=G_OUT
+        ),
     ] = "x0",
     taesd: Annotated[
-        Optional[str], typer.Option(help="TAESD hub id or folder for --preview taesd (default madebyollin/taesd).", rich_help_panel=G_OUT)
+        str | None,
+        typer.Option(
+            help="TAESD hub id or folder for --preview taesd (default madebyollin/taesd).", rich_help_panel=G_OUT
+        ),
     ] = None,
-    frames: Annotated[bool, typer.Option("--frames/--no-frames", help="--no-frames is --preview none.", rich_help_panel=G_OUT)] = True,
-    frames_every: Annotated[int, typer.Option(help="Write every Nth step's frame (the last always).", rich_help_panel=G_OUT)] = 1,
+    frames: Annotated[
+        bool, typer.Option("--frames/--no-frames", help="--no-frames is --preview none.", rich_help_panel=G_OUT)
+    ] = True,
+    frames_every: Annotated[
+        int, typer.Option(help="Write every Nth step's frame (the last always).", rich_help_panel=G_OUT)
+    ] = 1,
     frame_format: Annotated[str, typer.Option(help="png, jpg or webp.", rich_help_panel=G_OUT)] = "png",
-    gif: Annotated[bool, typer.Option("--gif", help="Also write animation.gif of the frames.", rich_help_panel=G_OUT)] = False,
-    webp: Annotated[bool, typer.Option("--webp", help="Also write animation.webp of the frames.", rich_help_panel=G_OUT)] = False,
-    json: Annotated[bool, typer.Option("--json", help="One JSON event per line on stdout.", rich_help_panel=G_OUT)] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.", rich_help_panel=G_OUT)] = False,
+    gif: Annotated[
+        bool, typer.Option("--gif", help="Also write animation.gif of the frames.", rich_help_panel=G_OUT)
+    ] = False,
+    webp: Annotated[
+        bool, typer.Option("--webp", help="Also write animation.webp of the frames.", rich_help_panel=G_OUT)
+    ] = False,
+    json: Annotated[
+        bool, typer.Option("--json", help="One JSON event per line on stdout.", rich_help_panel=G_OUT)
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.", rich_help_panel=G_OUT)
+    ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=G_DEVICE)] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (fp16 on CUDA, else fp32), fp32, fp16 or bf16.", rich_help_panel=G_DEVICE)] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="auto (fp16 on CUDA, else fp32), fp32, fp16 or bf16.", rich_help_panel=G_DEVICE)
+    ] = "auto",
     compile: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the UNet: faster steps after a slow first one.", rich_help_panel=G_DEVICE)
+        bool,
+        typer.Option(
+            "--compile", help="torch.compile the UNet: faster steps after a slow first one.", rich_help_panel=G_DEVICE
+        ),
     ] = False,
     cpu_offload: Annotated[
-        bool, typer.Option("--cpu-offload", help="Keep each model on the GPU only while it runs (less memory).", rich_help_panel=G_DEVICE)
+        bool,
+        typer.Option(
+            "--cpu-offload",
+            help="Keep each model on the GPU only while it runs (less memory).",
+            rich_help_panel=G_DEVICE,
+        ),
     ] = False,
     vae_tiling: Annotated[
-        bool, typer.Option("--vae-tiling", help="Decode large images tile by tile (less memory).", rich_help_panel=G_DEVICE)
+        bool,
+        typer.Option("--vae-tiling", help="Decode large images tile by tile (less memory).", rich_help_panel=G_DEVICE),
     ] = False,
     attention_slicing: Annotated[
-        bool, typer.Option("--attention-slicing", help="Compute attention in slices (less memory, slower).", rich_help_panel=G_DEVICE)
+        bool,
+        typer.Option(
+            "--attention-slicing", help="Compute attention in slices (less memory, slower).", rich_help_panel=G_DEVICE
+        ),
     ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.", rich_help_panel=G_DEVICE)] = False,
 ) -> None:
@@ -164,8 +217,13 @@ def _image_prompt_signature() -> inspect.Signature:
         "photo",
         inspect.Parameter.POSITIONAL_OR_KEYWORD,
         annotation=Annotated[
-            Path, typer.Argument(metavar="PHOTO", help="The photo to use as the prompt (PNG, JPEG, WebP, BMP, GIF or "
-                                 "TIFF): its CLIP image features replace the text prompt's.", show_default=False)
+            Path,
+            typer.Argument(
+                metavar="PHOTO",
+                help="The photo to use as the prompt (PNG, JPEG, WebP, BMP, GIF or "
+                "TIFF): its CLIP image features replace the text prompt's.",
+                show_default=False,
+            ),
         ],
     )
     options = [p for name, p in inspect.signature(generate, eval_str=True).parameters.items() if name != "prompt_image"]
@@ -204,8 +262,16 @@ def request_from(params: dict):
     return GenerationRequest(**values), run_options
 
 
-def execute(req, out: Optional[Path] = None, *, overwrite: bool = False, json: bool = False, quiet: bool = False,
-            debug: bool = False, animations: list[str] = ()) -> None:
+def execute(
+    req,
+    out: Path | None = None,
+    *,
+    overwrite: bool = False,
+    json: bool = False,
+    quiet: bool = False,
+    debug: bool = False,
+    animations: list[str] = (),
+) -> None:
     """Run REQ with the sinks the flags ask for; shared by every command that generates."""
     from ..runner import run
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,7 +29,7 @@ def diagnostics(
         bool, typer.Option("--check", help="Also load `tiny` on the chosen device, run a few steps, report it/s.")
     ] = False,
     model: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--model", "-m", help="Also load this model and show where each component sits."),
     ] = None,
     json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
@@ -91,7 +91,7 @@ def models(
 
 def masks(
     preview: Annotated[
-        Optional[Path], typer.Option("--preview", help="Write each mask as DIR/<name>.png (white = noise).")
+        Path | None, typer.Option("--preview", help="Write each mask as DIR/<name>.png (white = noise).")
     ] = None,
     size: Annotated[int, typer.Option("--size", min=1, max=4096, help="Side of the --preview PNGs in pixels.")] = 64,
     json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
@@ -192,7 +192,9 @@ def _render_diagnostics(f: dict) -> None:
                          _bytes(g.get("reserved_bytes")))
         out.print(gpus)
     elif cuda["torch_cuda"] or cuda["torch_hip"]:
-        out.print("[bold]No GPU found:[/] this torch build supports CUDA, but no GPU is visible; sdstream runs on the CPU.")
+        out.print(
+            "[bold]No GPU found:[/] this torch build supports CUDA, but no GPU is visible; sdstream runs on the CPU."
+        )
     else:
         out.print(f"[bold]No GPU:[/] torch {lib['torch']} is a CPU-only build; sdstream runs on the CPU "
                   "(fine for tiny; a real model takes minutes per image).")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json as _json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -37,18 +37,18 @@ def _print_json(data: dict) -> None:
 def animate(
     run_dir: RunDir,
     format: Annotated[
-        Optional[str], typer.Option("--format", "-f", help="gif or webp (default: from --out's suffix, else gif).")
+        str | None, typer.Option("--format", "-f", help="gif or webp (default: from --out's suffix, else gif).")
     ] = None,
     fps: Annotated[float, typer.Option(help="Frames per second (at most 50).")] = 10,
     every: Annotated[int, typer.Option(help="Use every Nth recorded frame (the last always).")] = 1,
     size: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(help="Scale the longer side to this many pixels (nearest-neighbour when enlarging)."),
     ] = None,
     loop: Annotated[bool, typer.Option("--loop/--no-loop", help="Loop forever, or play once.")] = True,
     hold: Annotated[float, typer.Option(help="Seconds the last frame stays on screen beyond 1/fps.")] = 1.0,
     out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Write here instead of RUN_DIR/animation.<format>.")
+        Path | None, typer.Option("--out", "-o", help="Write here instead of RUN_DIR/animation.<format>.")
     ] = None,
     overwrite: Overwrite = False,
     json: Json = False,
@@ -71,13 +71,13 @@ def animate(
 
 def sheet(
     run_dir: RunDir,
-    steps: Annotated[Optional[str], typer.Option(help="Steps to show, e.g. 1,5,10,20.")] = None,
+    steps: Annotated[str | None, typer.Option(help="Steps to show, e.g. 1,5,10,20.")] = None,
     count: Annotated[
-        Optional[int], typer.Option(help="Show N steps evenly spaced, first and last included (default up to 16).")
+        int | None, typer.Option(help="Show N steps evenly spaced, first and last included (default up to 16).")
     ] = None,
-    columns: Annotated[Optional[int], typer.Option(help="Cells per row (default: a near-square grid).")] = None,
+    columns: Annotated[int | None, typer.Option(help="Cells per row (default: a near-square grid).")] = None,
     size: Annotated[int, typer.Option(help="Longer side of each cell's picture in pixels.")] = 256,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write here instead of RUN_DIR/sheet.png.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here instead of RUN_DIR/sheet.png.")] = None,
     overwrite: Overwrite = False,
     json: Json = False,
     debug: Debug = False,
@@ -102,10 +102,10 @@ def compare(
         list[Path], typer.Argument(metavar="RUN_DIR", help="Two or more run folders; each is compared to the first.")
     ],
     out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Output folder (default: ./outputs/<time>-compare).")
+        Path | None, typer.Option("--out", "-o", help="Output folder (default: ./outputs/<time>-compare).")
     ] = None,
     align: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="For runs with different steps: index (i-th frame with i-th) or progress "
                           "(nearest fraction of each run's schedule)."),
     ] = None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,11 +16,13 @@ def register(app: typer.Typer) -> None:
 
 
 def serve(
-    host: Annotated[str, typer.Option(help="Interface to bind. The default only accepts connections from this machine.")]
+    host: Annotated[
+        str, typer.Option(help="Interface to bind. The default only accepts connections from this machine.")
+    ]
     = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
     preload: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--preload", help="Load this model at start-up (repeatable); others load on first use."),
     ] = None,
     max_queue: Annotated[
@@ -28,14 +30,16 @@ def serve(
     ] = 8,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps: where every run goes.")] = "auto",
     allow_host: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--allow-host", help="Also accept this name in the Host header (repeatable; '*' for any)."),
     ] = None,
     any_model: Annotated[
         bool, typer.Option("--any-model", help="Let clients name any hub repo id or server folder, not just aliases "
                                                "and --preload models.")
     ] = False,
-    log_level: Annotated[str, typer.Option(help="uvicorn's log level: critical, error, warning, info, debug.")] = "info",
+    log_level: Annotated[
+        str, typer.Option(help="uvicorn's log level: critical, error, warning, info, debug.")
+    ] = "info",
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Serve the HTTP streaming API: POST /generate streams every step as server-sent events; /ui in a browser.
@@ -65,5 +69,7 @@ def serve(
         app = create_app(device=device, max_queue=max_queue, allowed_hosts=(bound, *(allow_host or ())),
                          models=models, any_model=any_model)
     shown = "localhost" if host in ("127.0.0.1", "::1") else bound
-    stderr.print(f"sdstream serve: http://{shown}:{port}/ui (API: POST /generate, schema: /openapi.json)", soft_wrap=True)
+    stderr.print(
+        f"sdstream serve: http://{shown}:{port}/ui (API: POST /generate, schema: /openapi.json)", soft_wrap=True
+    )
     uvicorn.run(app, host=host, port=port, log_level=log_level)
