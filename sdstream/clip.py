@@ -144,10 +144,6 @@ def image_prompt_embeds(pipe, req, text_embeds):
     return w * image_embeds + (1 - w) * text_embeds
 
 
-def loaded_clips() -> list[tuple[str, str, str]]:
-    return list(_CACHE)
-
-
 def _check_width(source: ClipSource, clip_width: int, width: int) -> None:
     """Image features are used as the UNet's encoder states: their width must be its cross-attention width."""
     if clip_width == width:
