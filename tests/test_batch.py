@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import json_lines, sdstream_cli
 
 from sdstream.batch import BadLines, plan, read_source
 from sdstream.request import GenerationRequest
+
+from conftest import json_lines, sdstream_cli
 
 TINY = ["-m", "tiny", "--steps", "3", "--width", "16", "--height", "16"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 2 shared cores: more threads than cores makes tiny steps 50x slower

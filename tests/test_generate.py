@@ -9,8 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import json_lines, sdstream_cli
 from PIL import Image
+
+from conftest import json_lines, sdstream_cli
 
 
 @pytest.fixture(scope="module")

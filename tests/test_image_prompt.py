@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import json_lines, sdstream_cli
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
@@ -17,6 +16,8 @@ from sdstream.errors import BadInput
 from sdstream.loop import check_against_model, denoise
 from sdstream.preview import vae_decode
 from sdstream.request import GenerationRequest
+
+from conftest import json_lines, sdstream_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "examples" / "photo.png"

@@ -9,12 +9,13 @@ import sys
 from importlib import metadata
 
 import pytest
-from conftest import sdstream_cli
 from PIL import Image
 
 from sdstream import __version__
 from sdstream.masks import PATTERNS
 from sdstream.registry import ALIASES
+
+from conftest import sdstream_cli
 
 HEAVY = ("torch", "diffusers", "transformers")
 

@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import sdstream_cli
 from PIL import Image, ImageSequence
 
 from sdstream import look
+
+from conftest import sdstream_cli
 
 STEPS = 8
 

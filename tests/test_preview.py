@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import sdstream_cli
 from PIL import Image
 
 import sdstream
@@ -15,6 +14,8 @@ from sdstream.frames import FrameWriter
 from sdstream.loop import denoise
 from sdstream.preview import SD1_LATENT_RGB, Previewer, vae_decode
 from sdstream.request import GenerationRequest
+
+from conftest import sdstream_cli
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import sdstream_cli
 
 httpx = pytest.importorskip("httpx")

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import sdstream_cli
 
 from sdstream.loop import denoise
 from sdstream.masks import mask_array
 from sdstream.preview import vae_decode
 from sdstream.request import GenerationRequest
+
+from conftest import sdstream_cli
 
 TINY = dict(model="tiny", device="cpu", steps=25, guidance=5.0)  # the model card's evaluation settings
 
