@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import platform
 import re
-import stat
 import subprocess
 import sys
 import time
@@ -143,8 +142,8 @@ def mps() -> dict:
 
 def choice() -> dict:
     """What `--device auto --dtype auto` and the default --model resolve to here."""
-    from .loader import dtype_name, resolve_device, resolve_dtype
-    from .registry import default_model
+    from .models.loader import dtype_name, resolve_device, resolve_dtype
+    from .models.registry import default_model
 
     device = resolve_device("auto")
     return {"device": device, "dtype": dtype_name(resolve_dtype("auto", device)), "model": default_model()}
@@ -165,51 +164,43 @@ def huggingface() -> dict:
 
 
 def check() -> dict:
-    """Load `tiny` on the chosen device, run a few steps of sdstream's own loop, time them.
+    """Run `tiny` for a few steps on the chosen device through the orchestrator, as every run goes, and time them.
 
-    ok is True when every step ran and the latents and the VAE's decoded picture are all finite
-    (fp16 VAEs that overflow to NaN are the classic failure this catches).
+    ok is True when every step ran and the latents and the final picture are finite (an fp16 VAE that
+    overflows to NaN is the classic failure this catches: the run's own NaN check and VAE retry report it).
     """
-    from .loader import dtype_name, load_pipeline, quiet_libraries, resolve_device, resolve_dtype
+    from .models.loader import dtype_name, quiet_libraries, resolve_device, resolve_dtype
 
     quiet_libraries()
-    import torch
-
-    from .loop import check_against_model, denoise
-    from .registry import resolve
+    from .record.orchestrator import run
+    from .record.sinks import Sink
     from .request import GenerationRequest
 
     device = resolve_device("auto")
-    dtype = resolve_dtype("auto", device)
-    result = {"ok": False, "model": "tiny", "device": device, "dtype": dtype_name(dtype), "steps": CHECK_STEPS,
-              "load_seconds": None, "step_seconds": [], "steps_per_second": None, "finite": None, "error": None}
-    try:
-        t0 = time.perf_counter()
-        pipe = load_pipeline(resolve("tiny"), device, dtype)
-        result["load_seconds"] = round(time.perf_counter() - t0, 4)
-        req = GenerationRequest(prompt="a red circle", model="tiny", steps=CHECK_STEPS, seed=0, device=device,
-                                preview="none").validated()
-        check_against_model(pipe, req)
-        finite, latents = True, None
-        last = time.perf_counter()
-        for ev in denoise(pipe, req):
-            # Wall time between events, after the device finished: GPU work is queued asynchronously.
+    result = {"ok": False, "model": "tiny", "device": device, "dtype": dtype_name(resolve_dtype("auto", device)),
+              "steps": CHECK_STEPS, "load_seconds": None, "step_seconds": [], "steps_per_second": None,
+              "finite": None, "recoveries": [], "error": None}
+
+    class Timer(Sink):  # wall time between steps, after the device finished: GPU work is queued asynchronously
+        def start(self, info):
+            self.last = time.perf_counter()
+
+        def step(self, step):
             _sync(device)
             now = time.perf_counter()
-            result["step_seconds"].append(round(now - last, 5))
-            last = now
-            finite = finite and bool(torch.isfinite(ev.latents).all() and torch.isfinite(ev.denoised).all())
-            latents = ev.latents
-        with torch.inference_mode():
-            picture = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        result["finite"] = finite and bool(torch.isfinite(picture).all())
+            result["step_seconds"].append(round(now - self.last, 5))
+            self.last = now
+
+    try:
+        req = GenerationRequest(prompt="a red circle", model="tiny", steps=CHECK_STEPS, seed=0, device=device,
+                                preview="none")
+        done = run(req, [Timer()])
+        result.update(load_seconds=done.info.timings["load"], recoveries=done.info.recoveries, finite=True, ok=True)
         # Speed over the steps after the first: the first also pays for prompt encoding and warm-up.
         timed = result["step_seconds"][1:] or result["step_seconds"]
         result["steps_per_second"] = round(len(timed) / max(sum(timed), 1e-9), 2)
-        result["ok"] = result["finite"]
-        if not result["finite"]:
-            result["error"] = "the output contains NaN or infinite values (generate with --dtype fp32 on this device)"
     except Exception as e:  # the point of --check is to report this, not to crash on it
+        result["finite"] = False if "NaN" in str(e) else None
         result["error"] = f"{type(e).__name__}: {e}"
     return result
 
@@ -228,10 +219,11 @@ def placement(model: str) -> dict:
 
     Raises the loader's BadInput / SdstreamError (unknown name, not on disk while offline, …).
     """
-    from .loader import dtype_name, load_pipeline, quiet_libraries, resolve_device, resolve_dtype
-    from .registry import resolve
+    from .models.loader import dtype_name, load_pipeline, quiet_libraries, resolve_device, resolve_dtype
+    from .models.registry import check_available
+    from .request import GenerationRequest
 
-    source = resolve(model)  # a bad name fails before anything heavy is imported
+    source = check_available(GenerationRequest(model=model))  # before anything heavy is imported
     quiet_libraries()
     import torch
 
@@ -258,46 +250,29 @@ def placement(model: str) -> dict:
 
 
 def models() -> list[dict]:
-    """Every alias: where it comes from, whether it is on disk, where and how big."""
-    from .registry import ALIASES, default_model
-    from .tiny import tiny_path
+    """Every alias: where it comes from, whether it is on disk (huggingface_hub's cache scan), where and how big."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
 
+    from .models.registry import ALIASES, default_model, hub_snapshot, tiny_path
+
+    try:
+        cached = {repo.repo_id: repo for repo in scan_cache_dir().repos if repo.repo_type == "model"}
+    except CacheNotFound:
+        cached = {}
     default = default_model()
     rows = []
     for alias, (repo, family, description) in ALIASES.items():
-        path = tiny_path() if alias == "tiny" else _hub_snapshot(repo)
+        path = tiny_path() if alias == "tiny" else hub_snapshot(repo)
+        size = _size(path) if alias == "tiny" else (cached[repo].size_on_disk if repo in cached and path else None)
         rows.append({
             "alias": alias, "source": repo, "family": family, "description": description,
-            "on_disk": path is not None, "path": str(path) if path else None,
-            "size_bytes": _size(path if alias == "tiny" else _hub_repo_folder(repo)) if path else None,
+            "on_disk": path is not None, "path": str(path) if path else None, "size_bytes": size,
             "default": alias == default,
         })
     return rows
 
 
-def _hub_repo_folder(repo: str) -> Path:
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
-
-
-def _hub_snapshot(repo: str) -> Path | None:
-    """The cached snapshot of REPO that holds a pipeline (refs/main first), or None if not downloaded."""
-    folder = _hub_repo_folder(repo)
-    ref = folder / "refs" / "main"
-    candidates = []
-    if ref.is_file():
-        candidates.append(folder / "snapshots" / ref.read_text().strip())
-    candidates += sorted((folder / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
-    return next((p for p in candidates if (p / "model_index.json").is_file()), None)
-
-
 def _size(folder: Path) -> int:
-    """Bytes of the regular files under FOLDER. Hub snapshots are symlinks into blobs/: each blob counts once."""
-    total = 0
-    for root, _, files in os.walk(folder):
-        for f in files:
-            st = os.lstat(os.path.join(root, f))
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
-    return total
+    """Bytes of the regular files under FOLDER."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())

@@ -1,219 +1,200 @@
-"""GenerationRequest: everything one run needs, validated up front. Pure Python, no torch.
+"""GenerationRequest: everything one run needs, each field declared once as an option. Pure Python, no torch.
 
-Checks that need the loaded model (size vs the VAE factor, inject steps vs the scheduler's
-schedule) live in loop.check_against_model; both run before a run folder is created.
+validated() makes the checks that need neither files nor a model: types, ranges, choices, options that
+apply only with another, and the step arithmetic (img2img, --start-step, injection steps), which needs
+only the scheduler's name. Pictures are decoded and checked by inputs.load_inputs, the model's
+vocabulary and whereabouts by models.check_available: all of it before torch is imported. The checks
+that need the loaded model (size vs the VAE factor, the CLIP's width) come last (core.loop.check_against_model).
 """
 
 from __future__ import annotations
 
-import math
 import re
 import secrets
-from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 
 from . import masks
+from .core.schedulers import SCHEDULERS, canonical_scheduler, schedule_length
 from .errors import BadInput
-from .schedulers import SCHEDULERS
+from .options import Option, option, options_of
 
-_SCHEDULER_ALIASES = {
-    "euler-ancestral": "euler-a",
-    "dpm++2m": "dpm++-2m",
-    "dpm++2m-karras": "dpm++-2m-karras",
-    "dpm-solver++": "dpm++-2m",
-    "plms": "pndm",
-}
-FRAME_FORMATS = ("png", "jpg", "webp")
-PREVIEWS = ("approx", "vae", "taesd", "none")  # how frames are decoded (see preview.py)
-FRAME_SOURCES = ("x0", "latent")
-DTYPES = ("auto", "fp32", "fp16", "bf16")
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 MAX_SEED = 2**64 - 1
 MAX_STEPS = 500  # DDIM's schedule runs past SD's 1000 training timesteps at 1000 steps
-DEFAULT_STRENGTH = 0.75
 DEFAULT_INJECT_FRACTION = 0.3  # --mask alone injects 30% into the run: late enough to keep composition
+PREVIEWS = ("approx", "vae", "taesd", "none")  # how frames are decoded (see core/preview.py)
+FRAME_SOURCES = ("x0", "latent")
+FRAME_FORMATS = ("png", "jpg", "webp")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+
+PROMPT, IMAGE_PROMPT, MODEL, PICTURE, MASK, FRAMES, DEVICE = (
+    "Prompt", "Image as prompt", "Model", "Start from a picture", "Noise injection", "Frames", "Device")
 
 
-def canonical_scheduler(name: str) -> str | None:
-    key = re.sub(r"[\s_]+", "-", name.strip().lower()).replace("dpmpp", "dpm++")
-    key = _SCHEDULER_ALIASES.get(key, key)
-    return key if key in SCHEDULERS else None
+def _device(name: str) -> str | None:
+    return name if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name) else None
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     """One generation. Field names are the `generate` options with dashes as underscores."""
 
-    prompt: str = ""
-    negative_prompt: str = ""
-    model: str | None = None  # alias, hub id or folder; None = $SDSTREAM_MODEL or the default
-    steps: int = 20
-    guidance: float = 7.5
-    width: int | None = None  # None = the model's default
-    height: int | None = None
-    seed: int | None = None  # None = random, fixed by validated()
-    scheduler: str = "ddim"
-    init_image: str | None = None  # img2img
-    strength: float | None = None  # img2img strength, default 0.75
-    start_image: str | None = None  # start from this image at --start-step
-    start_step: int | None = None
-    mask: str | None = None  # pattern name or path to a grey-level image
-    inject_at_step: tuple[int, ...] = ()
-    noise_strength: float = 1.0
-    device: str = "auto"
-    dtype: str = "auto"
-    preview: str = "approx"  # frame decoder; "none" writes no frames
-    frame_source: str = "x0"  # the model's clean estimate, or the noisy latent itself
-    taesd: str | None = None  # hub id or folder for --preview taesd
-    frames_every: int = 1
-    frame_format: str = "png"
-    prompt_image: str | None = None  # a photo as the prompt: CLIP image features as the conditional embeddings
-    clip_model: str | None = None  # alias, hub id or folder; None = the CLIP that fits the model (see clip.py)
-    image_weight: float = 1.0  # cond = w * image + (1 - w) * text; 1 = the image alone
-    # speed and memory (CUDA mostly); see loader.Speed
-    compile: bool = False
-    cpu_offload: bool = False
-    vae_tiling: bool = False
-    attention_slicing: bool = False
+    prompt: str = option("", "What to draw.", PROMPT, short="-p", metavar="TEXT")
+    negative_prompt: str = option("", "What to steer away from (the unconditional half of guidance).", PROMPT,
+                                  metavar="TEXT")
+    guidance: float = option(7.5, "Classifier-free guidance scale, 0-100; off at 1 or below.", PROMPT,
+                             range=(0, 100), metavar="G", api="guidance_scale", a1111="CFG scale")
+    prompt_image: str | None = option(
+        None, "Use this photo as the prompt: its CLIP image features, repeated over the token positions, replace "
+        "the text prompt's embedding (the unconditional half stays --negative-prompt's).", IMAGE_PROMPT,
+        kind="picture", metavar="FILE")
+    image_weight: float | None = option(
+        1.0, "0-1: blend the photo with --prompt, cond = W * image + (1 - W) * text; 1 = the photo alone.",
+        IMAGE_PROMPT, range=(0, 1), needs="prompt_image", metavar="W", a1111="Image weight")
+    clip_model: str | None = option(
+        None, "CLIP for the photo: vit-l-14, vit-h-14, tiny, a Hugging Face repo id or a local folder.", IMAGE_PROMPT,
+        needs="prompt_image", metavar="C", served=False, shown_default="the one that fits the model")
+    model: str | None = option(
+        None, "An alias (see `sdstream models`), a Hugging Face repo id or a local diffusers folder.", MODEL,
+        short="-m", metavar="M", shown_default="$SDSTREAM_MODEL or compressibility")
+    steps: int = option(20, "Denoising steps, 1-500.", MODEL, range=(1, MAX_STEPS), metavar="N", a1111="Steps")
+    scheduler: str = option("ddim", "How each step moves the latent: " + ", ".join(SCHEDULERS) + ".", MODEL,
+                            kind="choice", choices=lambda: SCHEDULERS, canonical=canonical_scheduler, metavar="S")
+    eta: float | None = option(0.0, "DDIM's eta, 0-1: 0 is deterministic, 1 adds DDPM's noise at every step.",
+                               MODEL, range=(0, 1), needs="scheduler=ddim", metavar="E", a1111="Eta")
+    width: int | None = option(None, "Width in pixels, a multiple of the VAE factor.", MODEL, kind="int",
+                               range=(8, 4096), metavar="W", shown_default="the model's, or the start picture's")
+    height: int | None = option(None, "Height in pixels, a multiple of the VAE factor.", MODEL, kind="int",
+                                range=(8, 4096), metavar="H", shown_default="the model's, or the start picture's")
+    seed: int | None = option(None, "Random seed, recorded in run.json and final.png.", MODEL, kind="int",
+                              range=(0, MAX_SEED), metavar="N", a1111="Seed", shown_default="random")
+    init_image: str | None = option(None, "img2img: start from this picture.", PICTURE, kind="picture",
+                                    metavar="FILE")
+    strength: float | None = option(
+        0.75, "img2img: the share of the schedule that is re-run, 0-1 (diffusers' arithmetic).", PICTURE,
+        range=(0, 1), needs="init_image", metavar="S", a1111="Denoising strength")
+    start_image: str | None = option(None, "Encode this picture, noise it to --start-step and denoise from there.",
+                                     PICTURE, kind="picture", metavar="FILE")
+    start_step: int | None = option(None, "The step at which --start-image enters.", PICTURE, kind="int",
+                                    range=(1, MAX_STEPS + 1), needs="start_image", metavar="K", a1111="Start step")
+    mask: str | None = option(
+        None, "Where to inject noise: " + ", ".join(masks.PATTERNS) + ", or a grey-level picture (white = full "
+        "noise).", MASK, kind="choice", choices=lambda: masks.PATTERNS, canonical=masks.canonical, or_picture=True,
+        metavar="NAME|FILE", api="noise_mask_type", a1111="Noise mask")
+    inject_at_step: tuple[int, ...] | None = option(
+        (), "Steps at which to inject noise: 5,8 or the option repeated.", MASK, kind="steps",
+        range=(1, MAX_STEPS + 1), needs="mask", metavar="K", a1111="Inject at step", shown_default="30% into the run")
+    noise_strength: float | None = option(
+        1.0, "Injected noise, 0-2, in units of the latent's own noise level at that step.", MASK, range=(0, 2),
+        needs="mask", metavar="S", a1111="Noise strength")
+    preview: str = option("approx", "How frames are decoded: approx (about free), vae (full quality), taesd, none.",
+                          FRAMES, kind="choice", choices=lambda: PREVIEWS, metavar="P")
+    frame_source: str | None = option(
+        "x0", "x0 (the model's estimate of the clean image) or latent (the noisy state).", FRAMES, kind="choice",
+        choices=lambda: FRAME_SOURCES, needs="preview!=none", metavar="SRC")
+    taesd: str | None = option(None, "Where --preview taesd loads TAESD from: a hub id or a folder.", FRAMES,
+                               needs="preview=taesd", metavar="ID|DIR", served=False,
+                               shown_default="madebyollin/taesd")
+    frames_every: int | None = option(1, "Write every Nth step's frame (the last always).", FRAMES,
+                                      range=(1, 10_000), needs="preview!=none", metavar="N")
+    frame_format: str | None = option("png", "png, jpg or webp.", FRAMES, kind="choice", choices=lambda: FRAME_FORMATS,
+                                      needs="preview!=none", metavar="FMT", served=False)
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.", DEVICE,
+                         kind="choice", choices=lambda: DEVICES, canonical=_device, metavar="D", served=False)
+    dtype: str = option("auto", "auto (fp16 on CUDA, else fp32), fp32, fp16 or bf16.", DEVICE, kind="choice",
+                        choices=lambda: DTYPES, metavar="T", served=False)
+    compile: bool = option(False, "torch.compile the UNet: faster steps after a slow first run.", DEVICE,
+                           served=False)
+    cpu_offload: bool = option(False, "Keep each model on the GPU only while it runs (less memory; CUDA).", DEVICE,
+                               served=False)
+    vae_tiling: bool = option(False, "Decode large images tile by tile (less memory).", DEVICE, served=False)
+    attention_slicing: bool = option(False, "Compute attention in slices (less memory, slower).", DEVICE,
+                                     served=False)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["inject_at_step"] = list(self.inject_at_step)
-        return d
+    # ------------------------------------------------------------------------------------------ checks
 
-    @property
-    def mask_is_pattern(self) -> bool:
-        return self.mask is not None and self.mask in masks.PATTERNS
+    def validated(self) -> GenerationRequest:
+        """A copy with names made canonical, defaults of applicable options filled in and the seed fixed,
+        or BadInput naming the bad value and what is allowed."""
+        values = {name: opt.check(getattr(self, name)) for name, opt in OPTIONS.items()}
+        for name, opt in OPTIONS.items():  # options that apply only with another: refused without it
+            if values[name] is not None and opt.needs and not opt.applies(values):
+                raise BadInput(f"{opt.flag} applies only with {opt.needs_text(OPTIONS)}; add that or drop {opt.flag}")
+            if values[name] is None and opt.needs and opt.applies(values):
+                values[name] = opt.default
+        if values["seed"] is None:
+            values["seed"] = secrets.randbelow(2**32)
 
-    def first_step(self, total: int) -> int:
-        """1-based schedule index of the first step this run denoises (img2img and start-step skip some)."""
+        if values["init_image"] is not None and values["start_image"] is not None:
+            raise BadInput("--init-image and --start-image are two ways to start from a picture; give one")
+        if values["start_image"] is not None and values["start_step"] is None:
+            raise BadInput("--start-image needs --start-step K (the step at which it enters)")
+        req = replace(self, **values)
+        total = req.total_steps
+        if req.start_step is not None and req.start_step > total:
+            raise BadInput(f"--start-step {req.start_step} is not allowed: give a step from 1 to {total} "
+                           f"({req.scheduler} runs {req.steps} steps as {total})" if total != req.steps else
+                           f"--start-step {req.start_step} is not allowed: give a step from 1 to {total}")
+        if req.init_image is not None and int(req.steps * req.strength) < 1:
+            raise BadInput(f"--strength {req.strength:g} with --steps {req.steps} denoises no step; "
+                           f"use a strength of at least {1 / req.steps:.3g} or more steps")
+        for k in req.inject_at_step or ():
+            if not req.first_step <= k <= total:
+                raise BadInput(f"--inject-at-step {k} is outside this run's steps: give a step from "
+                               f"{req.first_step} to {total}")
+        return req
+
+    # ------------------------------------------------------------------------------------------ step arithmetic
+
+    @cached_property
+    def total_steps(self) -> int:
+        """Length of the full schedule (PNDM runs N steps as N + 1)."""
+        return schedule_length(self.scheduler, self.steps)
+
+    @cached_property
+    def first_step(self) -> int:
+        """1-based schedule index of the first step this run denoises, exactly as diffusers slices the schedule:
+        img2img runs int(steps * strength) steps, starting at t_start * order (get_timesteps)."""
         if self.init_image is not None:
-            # diffusers' img2img arithmetic: int(steps * strength) steps are run
-            return total - min(int(self.steps * self.strength), self.steps) + 1
+            t_start = self.steps - min(int(self.steps * self.strength), self.steps)
+            return t_start * SCHEDULERS[self.scheduler].order + 1
         if self.start_image is not None:
             return self.start_step
         return 1
 
-    def validated(self) -> GenerationRequest:
-        """A copy with names made canonical and the seed fixed, or BadInput naming the bad value."""
-        fixes: dict = {}
-        _check_types(self)
-        _check_int("--steps", self.steps, 1, MAX_STEPS)
-        _check_float("--guidance", self.guidance, 0.0, 100.0)
-        for opt, v in (("--width", self.width), ("--height", self.height)):
-            if v is not None:
-                _check_int(opt, v, 8, 4096)
-        if self.seed is None:
-            fixes["seed"] = secrets.randbelow(2**32)
-        else:
-            _check_int("--seed", self.seed, 0, MAX_SEED)
-        sched = canonical_scheduler(self.scheduler)
-        if sched is None:
-            raise BadInput(f"--scheduler {self.scheduler!r} is not one of: {', '.join(SCHEDULERS)}")
-        fixes["scheduler"] = sched
-        if not _DEVICE.match(self.device):
-            raise BadInput(f"--device {self.device!r} is not one of: auto, cpu, cuda, cuda:N, mps")
-        if self.dtype not in DTYPES:
-            raise BadInput(f"--dtype {self.dtype!r} is not one of: {', '.join(DTYPES)}")
-        _check_int("--frames-every", self.frames_every, 1, 10_000)
-        if self.preview not in PREVIEWS:
-            raise BadInput(f"--preview {self.preview!r} is not one of: {', '.join(PREVIEWS)}")
-        if self.frame_source not in FRAME_SOURCES:
-            raise BadInput(f"--frame-source {self.frame_source!r} is not one of: {', '.join(FRAME_SOURCES)}")
-        if self.frame_format not in FRAME_FORMATS:
-            raise BadInput(f"--frame-format {self.frame_format!r} is not one of: {', '.join(FRAME_FORMATS)}")
-
-        # img2img and start-from-image: one of them, each with its own step arithmetic
-        if self.init_image is not None and self.start_image is not None:
-            raise BadInput("--init-image and --start-image are two ways to start from a picture; give one")
-        if self.strength is not None and self.init_image is None:
-            raise BadInput("--strength applies to --init-image; give an init image or drop --strength")
-        if self.start_step is not None and self.start_image is None:
-            raise BadInput("--start-step applies to --start-image; give a start image or drop --start-step")
-        if self.init_image is not None:
-            strength = DEFAULT_STRENGTH if self.strength is None else self.strength
-            _check_float("--strength", strength, 0.0, 1.0)
-            if int(self.steps * strength) < 1:
-                raise BadInput(
-                    f"--strength {strength:g} with --steps {self.steps} denoises no step; "
-                    f"use a strength of at least {1 / self.steps:.3g} or more steps"
-                )
-            fixes["strength"] = strength
-            _check_image(self.init_image, "--init-image")
-        if self.start_image is not None:
-            if self.start_step is None:
-                raise BadInput("--start-image needs --start-step K (the step to start denoising from)")
-            _check_int("--start-step", self.start_step, 1, self.steps)
-            _check_image(self.start_image, "--start-image")
-
-        # image as prompt: CLIP features of a photo in place of (or blended with) the text prompt's
-        if self.prompt_image is not None:
-            _check_image(self.prompt_image, "--prompt-image")
-            _check_float("--image-weight", self.image_weight, 0.0, 1.0)
-            if self.clip_model is not None:
-                if not self.clip_model.strip():
-                    raise BadInput("--clip-model '' is empty: give an alias, a Hugging Face repo id or a folder")
-                fixes["clip_model"] = self.clip_model.strip()
-        else:
-            if self.clip_model is not None:
-                raise BadInput("--clip-model applies to --prompt-image; give a prompt image or drop --clip-model")
-            if self.image_weight != 1.0:
-                raise BadInput("--image-weight applies to --prompt-image; give a prompt image or drop --image-weight")
-
-        # noise injection
-        _check_float("--noise-strength", self.noise_strength, 0.0, 2.0)
-        if self.mask is not None:
-            name = masks.canonical(self.mask)
-            if name is not None:
-                fixes["mask"] = name
-            elif Path(self.mask).suffix or Path(self.mask).expanduser().exists():
-                _check_image(self.mask, "--mask")
-            else:
-                raise BadInput(
-                    f"--mask {self.mask!r} is not one of: {', '.join(masks.PATTERNS)} (or a path to a grey-level image)"
-                )
-        elif self.inject_at_step:
-            raise BadInput("--inject-at-step needs --mask (the region where noise is injected)")
-        for k in self.inject_at_step:
-            _check_int("--inject-at-step", k, 1, 10_000)
-        steps = tuple(sorted(set(self.inject_at_step)))
-        fixes["inject_at_step"] = steps
-        return replace(self, **fixes)
-
-    def inject_steps(self, total: int) -> tuple[int, ...]:
+    @cached_property
+    def inject_steps(self) -> tuple[int, ...]:
         """The steps that inject noise: the ones asked for, or the documented default for a bare --mask."""
         if self.mask is None:
             return ()
         if self.inject_at_step:
             return self.inject_at_step
-        first = self.first_step(total)
+        first, total = self.first_step, self.total_steps
         return (first + round(DEFAULT_INJECT_FRACTION * (total - first + 1)),)
 
+    @property
+    def mask_is_pattern(self) -> bool:
+        return self.mask is not None and self.mask in masks.PATTERNS
 
-def _check_types(req: GenerationRequest) -> None:
-    """Text and on/off fields from JSON (batch files, the server) may hold anything: say which is wrong."""
-    for f in fields(req):
-        value, option = getattr(req, f.name), "--" + f.name.replace("_", "-")
-        if f.type in ("str", "str | None") and not (isinstance(value, str) or (value is None and "None" in f.type)):
-            raise BadInput(f"{option} {value!r} is not allowed: give text")
-        if f.type == "bool" and not isinstance(value, bool):
-            raise BadInput(f"{option} {value!r} is not allowed: give true or false")
-    if not isinstance(req.inject_at_step, (tuple, list)):
-        raise BadInput(f"--inject-at-step {req.inject_at_step!r} is not allowed: give a list of step numbers")
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["inject_at_step"] is not None:
+            d["inject_at_step"] = list(d["inject_at_step"])
+        return d
 
-
-def _check_int(option: str, value, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise BadInput(f"{option} {value!r} is not allowed: give a whole number from {lo} to {hi}")
+    def changed(self) -> dict:
+        """The fields that differ from a plain request's, as to_dict() spells them (for messages and labels)."""
+        plain = GenerationRequest().to_dict()
+        return {k: v for k, v in self.to_dict().items() if v != plain[k]}
 
 
-def _check_float(option: str, value, lo: float, hi: float) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not lo <= value <= hi:
-        raise BadInput(f"{option} {value!r} is not allowed: give a number from {lo:g} to {hi:g}")
+OPTIONS: dict[str, Option] = options_of(GenerationRequest)
 
 
-def _check_image(path: str, option: str) -> None:
-    from .images import open_image
-
-    open_image(path, option)
+def from_values(values: dict, base: GenerationRequest | None = None) -> GenerationRequest:
+    """BASE (or a plain request) with VALUES (field -> value) set; an unknown key is BadInput listing the known ones."""
+    unknown = [k for k in values if k not in OPTIONS]
+    if unknown:
+        raise BadInput(f"unknown key {unknown[0]!r}; allowed: {', '.join(OPTIONS)}")
+    return replace(base or GenerationRequest(), **values)

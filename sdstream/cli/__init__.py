@@ -39,4 +39,18 @@ for _group in (generate, batch, info, look, serve):
 
 
 def main() -> None:
-    app()
+    """The console script: click's usage errors (an unknown option, a missing argument) as one `Error:` line."""
+    import sys
+
+    from typer.exceptions import TyperException
+
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:  # Ctrl-C outside a command's own handling (while parsing, while importing)
+        code = 130
+    except TyperException as e:  # click's usage errors, as Typer raises them
+        from .common import error
+
+        error(e.format_message())
+        code = getattr(e, "exit_code", 2)
+    sys.exit(code or 0)

@@ -1,7 +1,7 @@
 """`sdstream batch`: many runs, each model loaded once.
 
 The options of `generate` are the defaults of every run. They are parsed by generate's own
-click command (so the two can't drift apart), then turned into a request by request_from().
+click command (so the two can't drift apart), then checked by their declarations.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Annotated
 
 import typer
 
-from .common import ProgressSink, handle_errors, json_sink, stderr
+from ..record.sinks import Sink
+from .common import Progress, given, handle_errors, print_json, stderr
 
 HELP = (
     "Run every line of FILE, each into its own run folder under --out; models load once.\n\n"
@@ -50,29 +51,30 @@ def batch(
 ) -> None:
     """Run every line of FILE into its own run folder under --out (help text: HELP)."""
     file, params = _parse_generate_options(ctx)
-    from ..batch import BadLines, is_main_process, run_batch
-    from .generate import request_from
+    from ..batch import BadLines, run_batch
+    from ..batch.distribute import is_main_process
+    from ..request import OPTIONS
 
     main = is_main_process()
-    with handle_errors(debug):
-        defaults, run_options = request_from(params)
-        if run_options["overwrite"]:
+    with handle_errors(debug or params.get("debug", False)):
+        if params.get("overwrite"):
             from ..errors import BadInput
 
             raise BadInput("--overwrite: batch reruns what is not complete by itself; --force redoes complete runs too")
-        animations = run_options["animations"]
+        defaults = given(OPTIONS, params)
+        animations = [fmt for fmt in ("gif", "webp") if params.get(fmt)]
         display = _Display(json=json, quiet=quiet, main=main)
         try:
             result = run_batch(
                 file, out, defaults, force=force, keep_going=keep_going, animations=animations,
-                check=_animation_check(animations), sinks=(display.step,), on_event=display.event,
+                check=_animation_check(animations), sinks=(display,), on_event=display.event,
             )
         except BadLines as e:
             if main:
                 from rich.text import Text
 
                 for line, message in e.errors:  # as text, not markup: a message may quote [brackets]
-                    stderr.print(Text.assemble(("Error:", "bold red"), f" line {line}: {message}"), soft_wrap=True)
+                    stderr.print(Text.assemble(("Error:", "bold red"), f" line {line}: {message}"))
                 stderr.print("Nothing was run. Fix the lines, or pass --keep-going to run the others.")
             raise typer.Exit(2) from None
         except KeyboardInterrupt as e:
@@ -109,12 +111,12 @@ def _animation_check(animations):
         if animations and req.preview == "none":
             from ..errors import BadInput
 
-            raise BadInput(f"--{animations[0]} animates the frames, but --no-frames / --preview none writes none")
+            raise BadInput(f"--{animations[0]} animates the frames, but --preview none writes none")
 
     return check
 
 
-class _Display:
+class _Display(Sink):
     """Batch events to the terminal: a progress bar per run and a line when it ends; JSON on stdout."""
 
     def __init__(self, json: bool, quiet: bool, main: bool):
@@ -122,37 +124,49 @@ class _Display:
 
         self.json, self.quiet, self.main = json, quiet, main
         self.prefix = "" if main else f"[process {os.environ.get('RANK', '?')}] "
-        self.progress: ProgressSink | None = None
+        self.progress: Progress | None = None
         self.bars = main and not quiet and stderr.is_terminal and not _several_processes()
 
-    def step(self, event: dict) -> None:
-        if self.progress:
-            self.progress(event)
+    # each run's own events (a sink of the run)
+    def load(self, model) -> None:
+        if self.bars:
+            self.progress = Progress()
+            self.progress.load(model)
 
+    def start(self, info) -> None:
+        if self.progress:
+            self.progress.start(info)
+
+    def step(self, step) -> None:
+        if self.progress:
+            self.progress.step(step)
+
+    def finish(self, info, outcome) -> None:
+        self.close()
+
+    # the batch's events
     def event(self, event: dict) -> None:
         kind = event["event"]
-        if kind == "begin" and self.bars:
-            self.progress = ProgressSink().__enter__()
-        elif kind == "run":
+        if kind == "run":
             self.close()
             if self.json and self.main:
-                json_sink({k: event[k] for k in ("event", "line", "status", "run_dir", "seed", "error", "prompt",
-                                                 "seconds", "skipped")})
+                print_json({k: event[k] for k in ("event", "line", "status", "run_dir", "seed", "error", "prompt",
+                                                  "seconds", "skipped")})
             if not self.quiet and not event.get("gathered"):  # a gathered run was shown by its own process
-                stderr.print(self.prefix + _run_line(event), soft_wrap=True, markup=False)
+                stderr.print(self.prefix + _run_line(event), markup=False)
         elif kind == "warning" and self.main and not self.quiet:
-            stderr.print(f"Warning: {event['message']}", soft_wrap=True, markup=False)
+            stderr.print(f"Warning: {event['message']}", markup=False)
         elif kind == "summary" and self.json and self.main:
-            json_sink(event)
+            print_json(event)
 
     def close(self) -> None:
         if self.progress:
-            self.progress.__exit__(None, None, None)
+            self.progress.progress.stop()
             self.progress = None
 
 
 def _several_processes() -> bool:
-    from ..batch import distributed
+    from ..batch.distribute import distributed
 
     return distributed()
 

@@ -1,17 +1,80 @@
-"""What every command shares: error -> exit code mapping, and the progress and JSON sinks."""
+"""What every command shares: options made from their declarations, the error boundary, progress and JSON output.
+
+Nothing here imports torch. Options are declared once (request fields in request.py, the run's own options in
+RUN_OPTIONS below) and turned into Typer parameters by `parameters()`. Every value arrives as text and is
+parsed and checked by its declaration, so a bad value always reads `Error: --steps abc is not allowed: ...`.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import signal
 import sys
 import traceback
 from contextlib import contextmanager
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
-stderr = Console(stderr=True, highlight=False)
+from ..options import Option
+from ..record.sinks import Sink
+
+OUTPUT = "Output"
+# soft_wrap: a message or a path is never hard-wrapped when stderr is not a terminal (a log file, a pipe)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _run_option(kind, default, help, **settings) -> Option:
+    return Option(kind=kind, default=default, help=help, panel=OUTPUT, **settings)
+
+
+# The options of a run that are not part of its request: where it goes and what is printed.
+RUN_OPTIONS: dict[str, Option] = {name: _run_option(*spec[:3], name=name, **spec[3]) for name, spec in {
+    "out": ("text", None, "The run folder.", {"short": "-o", "metavar": "DIR",
+                                             "shown_default": "a new folder under ./outputs"}),
+    "overwrite": ("flag", False, "Replace an earlier run in --out (only the files that run wrote).", {}),
+    "gif": ("flag", False, "Also write animation.gif of the frames.", {}),
+    "webp": ("flag", False, "Also write animation.webp of the frames.", {}),
+    "json": ("flag", False, "One JSON event per line on stdout (everything for people goes to stderr).", {}),
+    "quiet": ("flag", False, "Nothing on stderr but errors.", {"short": "-q"}),
+    "debug": ("flag", False, "Show tracebacks.", {}),
+}.items()}
+
+
+def parameter(opt: Option) -> inspect.Parameter:
+    """OPT as a Typer option: a flag, or text (parsed by the declaration), repeatable for step lists."""
+    names = [opt.flag, *([opt.short] if opt.short else [])]
+    default = opt.default_text()
+    help = opt.help + (_needs_help(opt) if opt.needs else "") + (f" [default: {default}]" if default else "")
+    settings = dict(help=help, rich_help_panel=opt.panel, show_default=False)
+    if opt.kind == "flag":
+        annotation, value = Annotated[bool, typer.Option(*names, metavar="", **settings)], False
+    elif opt.kind == "steps":
+        annotation, value = Annotated[list[str] | None, typer.Option(*names, metavar=opt.metavar, **settings)], None
+    else:
+        annotation, value = Annotated[str | None, typer.Option(*names, metavar=opt.metavar or "TEXT", **settings)], None
+    return inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=value, annotation=annotation)
+
+
+def _needs_help(opt: Option) -> str:
+    other, wanted, negated = opt.need()
+    flag = "--" + other.replace("_", "-")
+    if wanted is None:
+        return f" Only with {flag}."
+    return f" Not with {flag} {wanted}." if negated else f" Only with {flag} {wanted}."
+
+
+def given(options: dict[str, Option], params: dict) -> dict:
+    """The values the command line gave for OPTIONS, parsed: name -> value (options left out are absent)."""
+    values = {}
+    for name, opt in options.items():
+        raw = params.get(name)
+        if raw is None or raw is False or (opt.kind == "steps" and not raw):
+            continue
+        values[name] = raw if opt.kind == "flag" else opt.parse(raw)
+    return values
 
 
 class Terminated(KeyboardInterrupt):
@@ -35,13 +98,13 @@ def handle_errors(debug: bool = False):
             traceback.print_exc()
         error(str(e))
         if e.hint:
-            stderr.print(f"Hint: {e.hint}", soft_wrap=True, markup=False)
+            stderr.print(f"Hint: {e.hint}", markup=False)
         raise typer.Exit(e.exit_code) from None
     except Terminated:
-        stderr.print("Terminated: frames so far and run.json are kept.")
+        stderr.print("Terminated.")
         raise typer.Exit(143) from None
     except KeyboardInterrupt:
-        stderr.print("Interrupted: frames so far and run.json are kept.")
+        stderr.print("Interrupted.")
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise
@@ -60,17 +123,18 @@ def error(message: str) -> None:
     """`Error: MESSAGE` on stderr; the message is printed as is (no Rich markup: it may hold brackets)."""
     from rich.text import Text
 
-    stderr.print(Text.assemble(("Error:", "bold red"), " ", message), soft_wrap=True)
+    stderr.print(Text.assemble(("Error:", "bold red"), " ", message))
 
 
-def json_sink(event: dict) -> None:
-    """One JSON object per line on stdout, flushed so a pipe sees each step as it happens."""
-    sys.stdout.write(json.dumps(event) + "\n")
+def print_json(value) -> None:
+    """One JSON value per line on stdout, flushed so a pipe sees each event as it happens."""
+    sys.stdout.write(json.dumps(value) + "\n")
     sys.stdout.flush()
 
 
-class ProgressSink:
-    """A spinner while the model loads, then a bar with step n/N, it/s and ETA, on stderr."""
+class Progress(Sink):
+    """A run on stderr: a spinner while the model loads, then a bar with the prompt, step n/N (injected steps
+    marked), it/s and the time left; it ends with one line for the run."""
 
     def __init__(self) -> None:
         from rich.progress import (
@@ -82,37 +146,34 @@ class ProgressSink:
             TimeRemainingColumn,
         )
 
-        self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[speed]}"),
-            TimeRemainingColumn(),
-            console=stderr,
-            transient=True,  # the summary line replaces it
-        )
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[note]}"), TimeRemainingColumn(), console=stderr,
+                                 transient=True)
         self.task = None
 
-    def __enter__(self):
+    def load(self, model) -> None:
         self.progress.start()
-        return self
+        self.task = self.progress.add_task(f"loading {model.name}", total=None, note="")
 
-    def __exit__(self, *exc):
+    def start(self, info) -> None:
+        prompt = info.request.prompt or ("(photo)" if info.request.prompt_image else "(no prompt)")
+        label = prompt if len(prompt) <= 32 else prompt[:31] + "…"
+        steps = info.total_steps - info.first_step + 1
+        self.progress.reset(self.task, total=steps, description=f"{label} · seed {info.request.seed}", note="")
+
+    def step(self, step) -> None:
+        self.progress.advance(self.task)
+        speed = self.progress.tasks[0].speed
+        note = f"{speed:.1f} it/s" if speed else ""
+        if step.event.injected:
+            note = f"noise injected at {step.event.step} · {note}"
+        self.progress.update(self.task, note=note)
+
+    def finish(self, info, outcome) -> None:
         self.progress.stop()
-
-    def __call__(self, event: dict) -> None:
-        kind = event["event"]
-        if kind == "load":
-            self.task = self.progress.add_task(f"loading {event['model']}", total=None, speed="")
-        elif kind == "start":
-            steps = event["total_steps"] - event["first_step"] + 1
-            self.progress.update(self.task, description=f"seed {event['seed']}", total=steps, completed=0)
-            self.progress.reset(self.task, total=steps, description=f"seed {event['seed']}", speed="")
-        elif kind == "step":
-            self.progress.advance(self.task)
-            speed = self.progress.tasks[self.task].speed
-            if speed:
-                self.progress.update(self.task, speed=f"{speed:.1f} it/s")
-        elif kind == "done":
-            self.progress.update(self.task, description="done")
+        if outcome.status != "complete" or info is None:
+            return
+        steps = info.timings["steps"]
+        speed = f" · {len(steps) / sum(steps):.1f} it/s" if steps and sum(steps) else ""
+        stderr.print(f"Wrote {info.run_dir}/ (final.png, {'frames/, ' if outcome.frames else ''}run.json) · "
+                     f"seed {info.request.seed} · {info.timings['total']:.1f} s{speed}", markup=False)

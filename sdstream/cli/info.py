@@ -6,13 +6,12 @@ Rich tables on stdout for people, or one JSON value on stdout with --json.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .common import handle_errors
+from .common import handle_errors, print_json
 
 JSON_HELP = "Print one JSON value on stdout instead of tables."
 DEBUG_HELP = "Show tracebacks."
@@ -51,7 +50,7 @@ def diagnostics(
             extra["check"] = diag.check()
         facts = {**diag.collect(), **extra}
         if json:
-            _print_json(facts)
+            print_json(facts)
         else:
             _render_diagnostics(facts)
         if check and not facts["check"]["ok"]:
@@ -69,7 +68,7 @@ def models(
     with handle_errors(debug):
         rows = diag.models()
         if json:
-            _print_json(rows)
+            print_json(rows)
             return
         from rich.table import Table
 
@@ -94,6 +93,7 @@ def masks(
         Path | None, typer.Option("--preview", help="Write each mask as DIR/<name>.png (white = noise).")
     ] = None,
     size: Annotated[int, typer.Option("--size", min=1, max=4096, help="Side of the --preview PNGs in pixels.")] = 64,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace PNGs of these names already in DIR.")] = False,
     json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
 ) -> None:
@@ -109,18 +109,24 @@ def masks(
                 raise BadInput(f"--preview {str(preview)!r} is a file; give a folder for the PNGs")
             from PIL import Image
 
+            from ..record.files import save_image
+
+            taken = [f"{name}.png" for name in PATTERNS if (preview / f"{name}.png").exists()]
+            if taken and not overwrite:
+                raise BadInput(f"--preview {str(preview)!r} already holds {', '.join(taken[:3])}"
+                               f"{' …' if len(taken) > 3 else ''}; pass --overwrite to replace them")
             preview.mkdir(parents=True, exist_ok=True)
             for name in PATTERNS:
                 pixels = (mask_array(name, size, size) * 255).astype("uint8")
                 files[name] = preview / f"{name}.png"
-                Image.fromarray(pixels).save(files[name])
+                save_image(Image.fromarray(pixels), files[name])
         rows = [
             {"name": name, "description": description, "aliases": list(aliases),
              "file": str(files[name]) if name in files else None}
             for name, (description, aliases) in PATTERNS.items()
         ]
         if json:
-            _print_json(rows)
+            print_json(rows)
             return
         _render_masks(rows, [_blocks(mask_array(r["name"], 16, 16)) for r in rows])
         if files:
@@ -130,11 +136,6 @@ def masks(
 # --- rendering -------------------------------------------------------------------------------
 
 
-def _print_json(value) -> None:
-    import json
-
-    sys.stdout.write(json.dumps(value) + "\n")
-    sys.stdout.flush()
 
 
 def _stdout():

@@ -1,19 +1,17 @@
 """`sdstream animate`, `sheet`, `compare`, `show`: looking at finished runs.
 
-The pictures are made in sdstream.look (Pillow and numpy, no torch); this module only parses
+The pictures are made in sdstream.views (Pillow and numpy, no torch); this module only parses
 flags, maps errors to exit codes and prints. Paths written go to stderr, or as JSON to stdout.
 """
 
 from __future__ import annotations
 
-import json as _json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .common import handle_errors, stderr
+from .common import handle_errors, print_json, stderr
 
 
 def register(app: typer.Typer) -> None:
@@ -29,9 +27,6 @@ Json = Annotated[bool, typer.Option("--json", help="Print a JSON object on stdou
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing output file.")]
 
 
-def _print_json(data: dict) -> None:
-    sys.stdout.write(_json.dumps(data) + "\n")
-    sys.stdout.flush()
 
 
 def animate(
@@ -55,14 +50,14 @@ def animate(
     debug: Debug = False,
 ) -> None:
     """Animate a run's frames (one per step, the last held a moment) into animation.gif or .webp."""
-    from ..look import make_animation
+    from ..views.animate import make_animation
 
     with handle_errors(debug):
         anim = make_animation(
             run_dir, format, out=out, fps=fps, every=every, size=size, loop=loop, hold=hold, overwrite=overwrite
         )
     if json:
-        _print_json({"animation": str(anim.path), "frames": len(anim.steps), "steps": anim.steps,
+        print_json({"animation": str(anim.path), "frames": len(anim.steps), "steps": anim.steps,
                      "width": anim.size[0], "height": anim.size[1], "durations_ms": anim.durations_ms})
     else:
         w, h = anim.size
@@ -83,14 +78,15 @@ def sheet(
     debug: Debug = False,
 ) -> None:
     """A contact sheet PNG: chosen steps in a grid, each labelled with its step and timestep."""
-    from ..look import make_sheet, parse_steps
+    from ..views.draw import parse_steps
+    from ..views.sheet import make_sheet
 
     with handle_errors(debug):
         chosen = parse_steps(steps) if steps is not None else None
         result = make_sheet(run_dir, steps=chosen, count=count, columns=columns, size=size, out=out,
                             overwrite=overwrite)
     if json:
-        _print_json({"sheet": str(result.path), "steps": result.steps, "columns": result.columns,
+        print_json({"sheet": str(result.path), "steps": result.steps, "columns": result.columns,
                      "rows": result.rows, "width": result.size[0], "height": result.size[1]})
     else:
         grid = f"{result.columns}x{result.rows}"
@@ -119,13 +115,13 @@ def compare(
     debug: Debug = False,
 ) -> None:
     """Compare runs step by step: side-by-side animation, sheet, and per-step difference heat maps."""
-    from ..look import make_compare
+    from ..views.compare import make_compare
 
     with handle_errors(debug):
         result = make_compare(run_dirs, out, align=align, fmt=format, fps=fps, size=size, count=count, loop=loop,
                               overwrite=overwrite)
     if json:
-        _print_json(result)
+        print_json(result)
     else:
         mads = ", ".join(f"{i + 2} vs 1: {m:.3f}" for i, m in enumerate(result["mean_mad"]))
         stderr.print(f"Wrote {result['out']}/ (compare.{format.lower()}, sheet.png, diff/, compare.json) · "
@@ -138,12 +134,12 @@ def show(
     debug: Debug = False,
 ) -> None:
     """Summarise a run: parameters, model, seed, status, timings per phase and per step."""
-    from ..look import load_run
+    from ..record.rundir import read_run
 
     with handle_errors(debug):
-        run = load_run(run_dir, need_frames=False)
+        run = read_run(run_dir, need_frames=False)
     if json:
-        _print_json(run.manifest)
+        print_json(run.manifest)
         return
     from rich.console import Console
 
@@ -155,14 +151,16 @@ def _summary(run):
     from rich.table import Table
     from rich.text import Text
 
-    from ..look import sparkline
+    from ..request import OPTIONS
+    from ..views.draw import sparkline
 
     m = run.manifest
     req = m.get("request") or {}
     model = m.get("model") or {}
     t = m.get("timings") or {}
-    status = m.get("status") or "unknown"
-    colour = {"complete": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}.get(status, "white")
+    status = run.status
+    colour = {"complete": "green", "failed": "red", "interrupted": "yellow", "running": "cyan",
+              "killed": "red"}.get(status, "white")
 
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold", no_wrap=True)
@@ -173,28 +171,26 @@ def _summary(run):
             table.add_row(name, value if isinstance(value, Text) else Text(str(value)))
 
     row("run", str(run.dir))
-    row("status", Text(status, style=f"bold {colour}"))
+    row("status", Text(status + (" (run.json says running, but no process is writing it)" if status == "killed"
+                                 else ""), style=f"bold {colour}"))
     row("error", Text(str(m["error"]), style="red") if m.get("error") else None)
-    row("prompt", req.get("prompt"))
-    row("negative", req.get("negative_prompt"))
     where = model.get("location")
     if model.get("name"):
         row("model", model["name"] + (f" ({where})" if where and where != model["name"] else ""))
     row("seed", m.get("seed"))
-    row("scheduler", m.get("scheduler"))
-    steps = m.get("total_steps") or req.get("steps")
-    first = m.get("first_step")
+    steps, first = m.get("total_steps") or req.get("steps"), m.get("first_step")
     if steps:
         row("steps", f"{steps}" + (f" (from step {first})" if first and first > 1 else ""))
-    row("guidance", req.get("guidance"))
     if m.get("width") and m.get("height"):
         row("size", f"{m['width']}x{m['height']}")
     row("device", " ".join(str(x) for x in (m.get("device"), m.get("dtype")) if x))
-    for key, label in (("init_image", "init image"), ("strength", "strength"), ("start_image", "start image"),
-                       ("start_step", "start step"), ("mask", "mask"), ("noise_strength", "noise strength")):
-        if key == "noise_strength" and not req.get("mask"):
+    for name, opt in OPTIONS.items():  # every option the run was given, as the declarations name them
+        value = req.get(name)
+        if name in ("model", "seed", "steps", "width", "height", "device", "dtype") or value in (None, "", []):
             continue
-        row(label, req.get(key))
+        if value == opt.default or (isinstance(opt.default, tuple) and value == list(opt.default)):
+            continue
+        row(name.replace("_", " "), ", ".join(map(str, value)) if isinstance(value, list) else value)
     row("injected at", ", ".join(map(str, m.get("injected_at") or [])))
     n_frames = len(m.get("frames") or [])
     frames_note = f"{n_frames}" + (f" ({len(run.missing)} missing on disk)" if run.missing else "")

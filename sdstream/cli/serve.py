@@ -37,6 +37,14 @@ def serve(
         bool, typer.Option("--any-model", help="Let clients name any hub repo id or server folder, not just aliases "
                                                "and --preload models.")
     ] = False,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Most width x height a request may ask for.")] = 1024 * 1024,
+    max_work: Annotated[
+        int, typer.Option(min=1, help="Most steps x width x height a request may ask for.")
+    ] = 50 * 1024 * 1024,
+    max_prompt: Annotated[int, typer.Option(min=1, help="Most characters in a prompt.")] = 1000,
+    save: Annotated[
+        str | None, typer.Option("--save", metavar="DIR", help="Also write each run into a run folder under DIR.")
+    ] = None,
     log_level: Annotated[
         str, typer.Option(help="uvicorn's log level: critical, error, warning, info, debug.")
     ] = "info",
@@ -52,24 +60,46 @@ def serve(
     except ImportError:
         from rich.markup import escape
 
-        stderr.print(f"[bold red]Error:[/] {escape(EXTRA_MISSING)}", soft_wrap=True)
+        stderr.print(f"[bold red]Error:[/] {escape(EXTRA_MISSING)}")
         raise typer.Exit(2) from None
 
     with handle_errors(debug):
+        from pathlib import Path
+
         from ..request import GenerationRequest
-        from ..server import create_app
-        from ..server import preload as load_models
+        from ..serve.app import create_app
+        from ..serve.app import preload as load_models
+        from ..serve.schema import Limits
 
         GenerationRequest(device=device).validated()  # a bad --device is exit 2 before anything loads
+        _check_port(host, port)  # before minutes of preloading, not after
+        if save is not None:
+            from ..record.rundir import probe_writable
+
+            probe_writable(Path(save), "--save")
         models = tuple(preload or ())
         if models:
             stderr.print(f"Loading {', '.join(models)} …")
             load_models(list(models), device)
         bound = f"[{host}]" if ":" in host else host
+        limits = Limits(max_pixels=max_pixels, max_work=max_work, max_prompt=max_prompt)
         app = create_app(device=device, max_queue=max_queue, allowed_hosts=(bound, *(allow_host or ())),
-                         models=models, any_model=any_model)
+                         models=models, any_model=any_model, limits=limits, save=Path(save) if save else None)
     shown = "localhost" if host in ("127.0.0.1", "::1") else bound
-    stderr.print(
-        f"sdstream serve: http://{shown}:{port}/ui (API: POST /generate, schema: /openapi.json)", soft_wrap=True
-    )
+    stderr.print(f"sdstream serve: http://{shown}:{port}/ui (API: POST /generate, schema: /openapi.json)")
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def _check_port(host: str, port: int) -> None:
+    """BadInput when HOST:PORT can't be bound (in use, or not this machine's address)."""
+    import socket
+
+    from ..errors import BadInput
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise BadInput(f"--port {port} on {host} cannot be used: {e.strerror or e}") from None

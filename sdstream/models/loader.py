@@ -8,18 +8,16 @@ Safety: safetensors preferred (diffusers falls back to torch.load with weights_o
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
-from .errors import BadInput, SdstreamError
-from .registry import ModelSource
+from ..errors import BadInput, SdstreamError
+from .notes import model_notes
+from .registry import ModelSource, hub_snapshot, label, local_folder
 
 _CACHE: dict[tuple[str, str, str], object] = {}
 _LOCK = threading.Lock()
-REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def quiet_libraries() -> None:
@@ -76,28 +74,6 @@ def dtype_name(dtype) -> str:
     return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(name, name)
 
 
-def local_folder(source: ModelSource) -> Path:
-    """The folder to load for tiny and local sources (None for the hub)."""
-    if source.kind == "tiny":
-        from .tiny import tiny_path
-
-        return tiny_path()
-    path = Path(source.location)
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise BadInput(f"--model {source.name!r} is not a diffusers pipeline folder: model_index.json is missing")
-    try:
-        parts = json.loads(index.read_text())
-    except (OSError, ValueError) as e:
-        raise BadInput(f"--model {source.name!r}: model_index.json is unreadable ({e})") from None
-    missing = [p for p in REQUIRED_PARTS if p not in parts or not (path / p).is_dir()]
-    if missing:
-        raise BadInput(
-            f"--model {source.name!r} is not a complete Stable Diffusion folder: missing {', '.join(missing)}"
-        )
-    return path
-
-
 @dataclass(frozen=True)
 class Speed:
     """How a pipeline is set up for speed or memory. Part of the cache key: it changes the pipeline."""
@@ -126,8 +102,6 @@ def _load(source: ModelSource, device: str, dtype, speed: Speed):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from .tiny import model_notes
-
     where = str(local_folder(source)) if source.kind != "hub" else source.location
     kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
@@ -135,7 +109,8 @@ def _load(source: ModelSource, device: str, dtype, speed: Speed):
     except Exception as e:  # classify hub failures into messages with a next step
         raise _load_error(source, e) from e
     pipe.set_progress_bar_config(disable=True)
-    pipe.sdstream_notes = model_notes(where) if source.kind != "hub" else {}  # a toy's vocabulary, preview colours
+    snapshot = hub_snapshot(source.location) if source.kind == "hub" else where
+    pipe.sdstream_notes = model_notes(snapshot) if snapshot else {}  # a toy's vocabulary, its preview colours
     # Attention already runs through PyTorch's scaled_dot_product_attention (diffusers' default processor).
     if speed.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
@@ -157,7 +132,7 @@ def _load(source: ModelSource, device: str, dtype, speed: Speed):
 
 
 def _load_error(source: ModelSource, e: Exception) -> SdstreamError:
-    name = f"model {source.name!r}" + (f" ({source.location})" if source.location != source.name else "")
+    name = label(source)
     hint = "use --model tiny, a local diffusers folder, or download it once with network access"
     return hub_error(name, source.kind == "hub", e, hint) or SdstreamError(f"could not load {name}: {first_line(e)}")
 

@@ -31,7 +31,7 @@ def vae_decode(pipe, latents: torch.Tensor, recoveries: list | None = None):
     with the VAE tiled) and NaN/inf output (an fp16 VAE overflowing, which diffusers would
     turn into a black image: retry in fp32). Anything else is an error, never a black picture.
     """
-    from .errors import SdstreamError
+    from ..errors import SdstreamError
 
     notes = recoveries if recoveries is not None else []
     vae = pipe.vae
@@ -103,7 +103,7 @@ def load_taesd(where: str, device, dtype):
     """AutoencoderTiny from a hub id or a local folder, cached; a clear error when it can't be had."""
     from diffusers import AutoencoderTiny
 
-    from .errors import SdstreamError
+    from ..errors import SdstreamError
 
     key = (where, str(device), str(dtype))
     if key not in _TAESD:

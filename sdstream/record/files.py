@@ -1,7 +1,5 @@
-"""Run folders: frames written off the loop's thread, the manifest, and the final image.
-
-Every file is written to a temporary name in its own folder and renamed into place, so a
-reader (or a crash) never sees half a file.
+"""Writing files: atomically (a temporary name in the same folder, then a rename, so a reader or a crash never
+sees half a file), and frames off the loop's thread.
 """
 
 from __future__ import annotations
@@ -15,12 +13,8 @@ import threading
 from datetime import datetime
 from pathlib import Path
 
-from .errors import BadInput, SdstreamError
+from ..errors import SdstreamError
 
-MANIFEST = "run.json"
-FINAL = "final.png"
-FRAMES = "frames"
-_OURS = re.compile(r"^(run\.json|final\.png|frames|animation\.(gif|webp)|sheet\.png)$")  # what runs and `look` write
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
@@ -32,59 +26,23 @@ def slug(text: str, limit: int = 40) -> str:
     return "-".join(words)[:limit].strip("-") or "run"
 
 
-def default_run_dir(prompt: str, seed: int, root: Path = Path("outputs")) -> Path:
-    return new_dir(root, f"{slug(prompt)}-{seed}")
-
-
-def new_dir(root: Path, name: str) -> Path:
-    """ROOT/<time>-NAME, or with -2, -3… appended: a folder name no earlier run has taken."""
+def new_dir(root: Path, name: str, create: bool = False) -> Path:
+    """ROOT/<time>-NAME, or with -2, -3… appended: a folder name nothing has taken. With CREATE the folder is
+    made here, exclusively: two runs started at the same moment with the same name get different folders."""
     base = root / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}"
     path, n = base, 1
-    while path.exists():
+    while True:
+        if not create and not os.path.lexists(path):
+            return path
+        if create:
+            root.mkdir(parents=True, exist_ok=True)
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                pass
         n += 1
         path = base.with_name(f"{base.name}-{n}")
-    return path
-
-
-def check_run_dir(path: Path, overwrite: bool) -> None:
-    """Raise BadInput if PATH can't become a run folder. Runs before anything is loaded or written."""
-    if path.exists() and not path.is_dir():
-        raise BadInput(f"--out {str(path)!r} is a file, not a folder")
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise BadInput(f"--out {str(path)!r} is not empty; pass --overwrite or choose another folder")
-        foreign = [p.name for p in path.iterdir() if not _OURS.match(p.name)]
-        if foreign:
-            raise BadInput(
-                f"--out {str(path)!r} holds files sdstream did not write ({', '.join(sorted(foreign)[:3])}); "
-                "--overwrite only replaces earlier runs"
-            )
-    parent = path if path.exists() else _existing_parent(path)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"--out {str(path)!r}: {str(parent)!r} is not writable")
-
-
-def _existing_parent(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
-def prepare_run_dir(path: Path, overwrite: bool) -> None:
-    check_run_dir(path, overwrite)
-    try:
-        if path.is_dir() and overwrite:  # remove only what an earlier run wrote
-            for name in (MANIFEST, FINAL, "animation.gif", "animation.webp", "sheet.png"):
-                (path / name).unlink(missing_ok=True)
-            frames = path / FRAMES
-            if frames.is_dir():
-                for f in frames.iterdir():
-                    f.unlink()
-                frames.rmdir()
-        (path / FRAMES).mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # e.g. root ignores permission bits, so only trying tells
-        raise BadInput(f"--out {str(path)!r} cannot be written: {e.strerror or e}") from None
 
 
 def atomic_write(path: Path, write) -> None:
@@ -123,8 +81,9 @@ class FrameWriter:
     submit() or at close().
     """
 
-    def __init__(self, folder: Path, fmt: str, depth: int = 8, threads: int = min(4, os.cpu_count() or 1)):
-        self.folder, self.fmt = folder, fmt
+    def __init__(self, folder: Path, fmt: str, depth: int = 8, threads: int = min(4, os.cpu_count() or 1),
+                 written=lambda step, path: None):
+        self.folder, self.fmt, self.written = folder, fmt, written  # written(step, path): a frame is on disk
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._threads = [
@@ -144,7 +103,7 @@ class FrameWriter:
         """
         self._raise_if_failed()
         path = self.path_for(step)
-        self._queue.put((path, _to_host(picture)))
+        self._queue.put((step, path, _to_host(picture)))
         return path
 
     def close(self) -> None:
@@ -159,9 +118,10 @@ class FrameWriter:
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             if self._error is None:  # after a failure, drain without writing
-                path, (picture, copied) = item
+                step, path, (picture, copied) = item
                 try:
                     save_image(_to_pil(picture, copied), path, self.fmt, fast=True)
+                    self.written(step, path)
                 except BaseException as e:
                     self._error = self._error or e
 
@@ -191,22 +151,3 @@ def _to_pil(picture, copied):
     if copied is not None:
         copied.synchronize()
     return picture if isinstance(picture, Image.Image) else Image.fromarray(picture.numpy())
-
-
-def a1111_parameters(req, width: int, height: int, model: str, sampler: str) -> str:
-    """The 'parameters' text chunk that A1111-compatible tools read from a PNG."""
-    lines = [req.prompt]
-    if req.negative_prompt:
-        lines.append(f"Negative prompt: {req.negative_prompt}")
-    fields = {
-        "Steps": req.steps,
-        "Sampler": sampler,
-        "CFG scale": f"{req.guidance:g}",
-        "Seed": req.seed,
-        "Size": f"{width}x{height}",
-        "Model": model,
-    }
-    if req.init_image:
-        fields["Denoising strength"] = f"{req.strength:g}"
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
-    return "\n".join(lines)

@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadInput, SdstreamError
+from ..errors import BadInput, SdstreamError
 
 # alias -> (hub repo id, projection width, the family it fits)
 ALIASES: dict[str, tuple[str, int, str]] = {
@@ -127,21 +127,17 @@ def embedder_for(pipe, clip_model: str | None) -> ClipEmbedder:
     return embedder
 
 
-def image_prompt_embeds(pipe, req, text_embeds):
-    """The conditional prompt embeddings for REQ's image prompt: [1, L, D], blended with TEXT_EMBEDS if asked."""
-    from .images import open_image
-
-    embedder = embedder_for(pipe, req.clip_model)
-    features = embedder.features(open_image(req.prompt_image, "--prompt-image"))  # [1, D]
+def image_prompt_embeds(pipe, embedder: ClipEmbedder, photo, weight: float, text_embeds):
+    """The conditional prompt embeddings for PHOTO (a PIL image): [1, L, D], blended with TEXT_EMBEDS below weight 1."""
+    features = embedder.features(photo)  # [1, D]
     positions = pipe.tokenizer.model_max_length
     image_embeds = features[:, None, :].repeat(1, positions, 1).to(device=text_embeds.device, dtype=text_embeds.dtype)
     if image_embeds.shape != text_embeds.shape:  # encode_prompt pads to model_max_length: only odd tokenizers
         shapes = f"{tuple(image_embeds.shape)} vs the text's {tuple(text_embeds.shape)}"
         raise BadInput(f"--prompt-image: CLIP's embeddings don't fit this model's prompt embeddings: {shapes}")
-    w = req.image_weight
-    if w == 1.0:
+    if weight == 1.0:
         return image_embeds
-    return w * image_embeds + (1 - w) * text_embeds
+    return weight * image_embeds + (1 - weight) * text_embeds
 
 
 def _check_width(source: ClipSource, clip_width: int, width: int) -> None:
@@ -164,7 +160,7 @@ def _load(source: ClipSource, device, dtype, width: int) -> ClipEmbedder:
         from transformers import CLIPImageProcessor as Processor
 
     if source.kind == "tiny":
-        from .tiny import tiny_path
+        from .registry import tiny_path
 
         where = str(tiny_path())
     else:

@@ -1,0 +1,146 @@
+"""Model aliases, how a --model string resolves to a place to load from, and whether that place is on disk.
+
+Pure Python (and huggingface_hub's cache lookups): everything here runs before torch is imported, so a
+model that can't be had is refused in a fraction of a second instead of after the imports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BadInput
+from .notes import check_vocabulary, model_notes
+
+DEFAULT_MODEL = "compressibility"  # as the original service
+
+# alias -> (hub repo id, family, what it is)
+ALIASES: dict[str, tuple[str, str, str]] = {
+    "aesthetic": ("kvablack/ddpo-aesthetic", "SD 1.x", "DDPO fine-tune of SD 1.4 for aesthetic score"),
+    "alignment": ("kvablack/ddpo-alignment", "SD 1.x", "DDPO fine-tune of SD 1.4 for prompt alignment"),
+    "compressibility": ("kvablack/ddpo-compressibility", "SD 1.x", "DDPO fine-tune of SD 1.4 for JPEG compressibility"),
+    "incompressibility": (
+        "kvablack/ddpo-incompressibility",
+        "SD 1.x",
+        "DDPO fine-tune of SD 1.4 for JPEG incompressibility",
+    ),
+    "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "SD 1.x", "Stable Diffusion 1.5"),
+    "tiny": ("(embedded)", "toy", "toy SD trained by sdstream on coloured shapes, 32x32, offline: demos and tests"),
+}
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: kind is 'tiny', 'local' (a folder) or 'hub' (a repo id)."""
+
+    name: str  # what the user typed (or the default)
+    kind: str
+    location: str  # folder path or repo id
+    alias: str | None = None
+
+
+def default_model() -> str:
+    return os.environ.get("SDSTREAM_MODEL") or DEFAULT_MODEL
+
+
+def resolve(model: str | None) -> ModelSource:
+    """Turn a --model value into a ModelSource, or raise BadInput naming what is allowed."""
+    if model is not None and not model.strip():
+        raise BadInput("--model '' is empty: give an alias, a Hugging Face repo id or a folder, or leave it out")
+    name = (model or default_model()).strip()
+    if name == "tiny":
+        return ModelSource(name, "tiny", "tiny", alias="tiny")
+    if name in ALIASES:
+        return ModelSource(name, "hub", ALIASES[name][0], alias=name)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise BadInput(
+                f"--model {name!r} is a file; a local model must be a diffusers folder with model_index.json"
+            )
+        return ModelSource(name, "local", str(path.resolve()))
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise BadInput(f"--model {name!r}: no such folder")
+    if _REPO_ID.match(name):
+        return ModelSource(name, "hub", name)
+    allowed = ", ".join(ALIASES)
+    raise BadInput(f"--model {name!r} is not an alias ({allowed}), a Hugging Face repo id (owner/name) or a folder")
+
+
+REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def tiny_path() -> Path:
+    """The folder of the embedded model (a diffusers folder; its model card says how it was made)."""
+    return Path(__file__).parents[1] / "weights" / "tiny"
+
+
+def local_folder(source: ModelSource) -> Path:
+    """The folder of a tiny or local SOURCE, checked to hold a complete pipeline."""
+    if source.kind == "tiny":
+        return tiny_path()
+    path = Path(source.location)
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise BadInput(f"--model {source.name!r} is not a diffusers pipeline folder: model_index.json is missing")
+    try:
+        parts = json.loads(index.read_text())
+    except (OSError, ValueError) as e:
+        raise BadInput(f"--model {source.name!r}: model_index.json is unreadable ({e})") from None
+    missing = [p for p in REQUIRED_PARTS if p not in parts or not (path / p).is_dir()]
+    if missing:
+        raise BadInput(
+            f"--model {source.name!r} is not a complete Stable Diffusion folder: missing {', '.join(missing)}"
+        )
+    return path
+
+
+def hub_snapshot(repo: str) -> Path | None:
+    """The cached snapshot folder of hub repo REPO that holds a pipeline, or None when it isn't downloaded."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, "model_index.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def label(source: ModelSource) -> str:
+    """How messages name a model: what the user typed, and where that leads if it says more."""
+    return f"model {source.name!r}" + (f" ({source.location})" if source.location != source.name else "")
+
+
+def check_available(req) -> ModelSource:
+    """The ModelSource of REQ's model after the checks that need no model loaded: the folder is a pipeline, a
+    hub model is on disk when the Hub may not be asked, and the prompts use only the words of a model that
+    declares its vocabulary. BadInput otherwise. Reads nothing but small JSON files."""
+    source = resolve(req.model)
+    folder = hub_snapshot(source.location) if source.kind == "hub" else local_folder(source)
+    if folder is None and offline():
+        raise BadInput(f"{label(source)} is not on disk and HF_HUB_OFFLINE is set: use --model tiny, a local "
+                       "folder, or download it once with network access")
+    if folder is not None:
+        check_vocabulary(req, model_notes(folder).get("vocabulary"))
+        factor = vae_factor(folder)
+        for option, value in (("--width", req.width), ("--height", req.height)):
+            if factor and value is not None and value % factor:
+                raise BadInput(f"{option} {value} is not a multiple of {factor} (this model's VAE factor)")
+    return source
+
+
+def vae_factor(folder: Path) -> int | None:
+    """The VAE's downsampling factor, from its config as diffusers computes it (None when it can't be read)."""
+    try:
+        config = json.loads((Path(folder) / "vae" / "config.json").read_text())
+        return 2 ** (len(config["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,202 @@
+"""Options, each declared once: its type, default, range or choices, help and what it depends on.
+
+A request field is declared with `option(...)` on GenerationRequest (request.py); the run options of the
+CLI (--out, --json, ...) with `Option(...)` in cli/common.py. Everything else follows from these
+declarations: the CLI's options and help (cli/), the checks and their one-line errors (`check`, `parse`),
+the HTTP body and the /ui form (serve/), `show`, the PNG parameters text and the README's option table
+(tools/options_table.py, compared by tests/test_options.py). Pure Python: no torch, no typer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from .errors import BadInput
+
+KINDS = ("text", "int", "float", "flag", "steps", "picture", "choice")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option. KIND is one of KINDS; DEFAULT is what a run uses when the option is not given."""
+
+    kind: str
+    default: object
+    help: str
+    panel: str = "Options"
+    range: tuple[float, float] | None = None  # inclusive bounds of an int, float or steps value
+    choices: Callable[[], Sequence[str]] | None = None  # the allowed names (from a registry, read when needed)
+    canonical: Callable[[str], str | None] | None = None  # an alias -> its name (None: not a choice)
+    or_picture: bool = False  # a choice that may also be a picture file (--mask)
+    needs: str | None = None  # "mask" (given), "scheduler=ddim", "preview!=none": refused without it
+    short: str | None = None  # "-p"
+    metavar: str | None = None
+    api: str | None = None  # the HTTP body's name for it, where the original service named it otherwise
+    served: bool = True  # a field of POST /generate (device and speed options belong to the server)
+    a1111: str | None = None  # its key in the A1111 "parameters" text of final.png
+    shown_default: str | None = None  # the default in words, where it follows from something else
+    name: str = ""  # filled in from the field it declares
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def api_name(self) -> str:
+        return self.api or self.name
+
+    def names(self) -> list[str]:
+        return list(self.choices()) if self.choices else []
+
+    # ---------------------------------------------------------------- values
+
+    def parse(self, text):
+        """The value of TEXT as given on the command line (a str, or a list of them for steps)."""
+        if self.kind == "steps":
+            parts = [p for item in text for p in re.split(r"[,\s]+", str(item).strip()) if p]
+            try:
+                return tuple(int(p) for p in parts)
+            except ValueError:
+                raise BadInput(f"{self.flag} {','.join(map(str, text))!r} is not allowed: {self._allowed()}") from None
+        if self.kind in ("int", "float"):
+            try:
+                number = int(text) if self.kind == "int" else float(text)
+            except ValueError:
+                raise BadInput(f"{self.flag} {text!r} is not allowed: {self._allowed()}") from None
+            return number
+        return text
+
+    def check(self, value):
+        """VALUE (from the CLI, a batch line or an HTTP body) made canonical, or BadInput naming what is allowed."""
+        if value is None:
+            return None
+        kind = self.kind
+        if kind == "flag":
+            if not isinstance(value, bool):
+                raise BadInput(f"{self.flag} {value!r} is not allowed: give true or false")
+            return value
+        if kind in ("text", "picture", "choice"):
+            if not isinstance(value, str):
+                raise BadInput(f"{self.flag} {value!r} is not allowed: give text")
+            if kind == "choice":
+                return self._choice(value)
+            if self.default is None and not value.strip():  # --model '', --init-image '': never "the default"
+                raise BadInput(f"{self.flag} {value!r} is empty: give a value, or leave the option out")
+            return value
+        if kind == "steps":
+            steps = (value,) if _is_int(value) else value
+            if not isinstance(steps, (tuple, list)) or not all(_is_int(s) for s in steps):
+                raise BadInput(f"{self.flag} {value!r} is not allowed: {self._allowed()}")
+            for s in steps:
+                self._in_range(s)
+            return tuple(sorted(set(steps)))
+        ok = _is_int(value) if kind == "int" else _is_number(value)
+        if not ok:
+            raise BadInput(f"{self.flag} {value!r} is not allowed: {self._allowed()}")
+        self._in_range(value)
+        return value
+
+    def _choice(self, value: str) -> str:
+        name = self.canonical(value) if self.canonical else (value if value in self.names() else None)
+        if name is not None:
+            return name
+        if self.or_picture:
+            from pathlib import Path
+
+            if Path(value).suffix or Path(value).expanduser().exists():
+                return value  # a picture file: decoded (and checked) with the other pictures
+            raise BadInput(f"{self.flag} {value!r} is not one of: {', '.join(self.names())} (or a picture file)")
+        raise BadInput(f"{self.flag} {value!r} is not one of: {', '.join(self.names())}")
+
+    def _in_range(self, value) -> None:
+        if self.range and not self.range[0] <= value <= self.range[1]:
+            raise BadInput(f"{self.flag} {value!r} is not allowed: {self._allowed()}")
+
+    def _allowed(self) -> str:
+        lo, hi = self.range or (None, None)
+        if self.kind == "steps":
+            return f"give step numbers from {lo:g} to {hi:g}, e.g. 5,8 (or the option twice)"
+        what = "a whole number" if self.kind == "int" else "a number"
+        return f"give {what} from {lo:g} to {hi:g}" if self.range else f"give {what}"
+
+    # ---------------------------------------------------------------- dependencies
+
+    def need(self) -> tuple[str, str | None, bool]:
+        """(field, value, negated) of NEEDS: 'mask' -> ('mask', None, False), 'preview!=none' -> (.., 'none', True)."""
+        found = re.fullmatch(r"(\w+)(?:(!?=)(.+))?", self.needs or "")
+        return found.group(1), found.group(3), found.group(2) == "!="
+
+    def applies(self, values: dict) -> bool:
+        """Whether what this option needs is in VALUES (field -> value, after canonical names)."""
+        if not self.needs:
+            return True
+        other, wanted, negated = self.need()
+        have = values.get(other)
+        if wanted is None:
+            return have is not None and have != ()
+        return (have != wanted) if negated else (have == wanted)
+
+    def needs_text(self, options: dict[str, Option]) -> str:
+        """What the option needs, as the user would type it: '--mask', '--scheduler ddim', 'frames'."""
+        other, wanted, negated = self.need()
+        flag = options[other].flag
+        if wanted is None:
+            return flag
+        return f"a {flag} other than {wanted}" if negated else f"{flag} {wanted}"
+
+    # ---------------------------------------------------------------- description (help, schema, README)
+
+    def describe(self) -> dict:
+        """What a form or a document needs to know of the option (GET / of the server, the README table)."""
+        return {
+            "name": self.name, "api": self.api_name, "flag": self.flag, "kind": self.kind,
+            "default": list(self.default) if isinstance(self.default, tuple) else self.default,
+            "range": list(self.range) if self.range else None, "choices": self.names() or None,
+            "needs": self.needs, "help": self.help, "shown_default": self.default_text(),
+        }
+
+    def default_text(self) -> str:
+        if self.shown_default is not None:
+            return self.shown_default
+        if self.default is None or self.default == "" or self.default is False or self.default == ():
+            return ""
+        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
+
+
+def option(default, help: str, panel: str = "Options", *, kind: str | None = None, **settings):
+    """A dataclass field declaring an Option. A field that needs another (NEEDS) is None when not given:
+    then a check can tell "not given" from "given the default", and the default is filled in when it applies."""
+    kind = kind or _kind_of(default)
+    if kind not in KINDS:
+        raise ValueError(kind)
+    declared = Option(kind=kind, default=default, help=help, panel=panel, **settings)
+    stored = None if declared.needs else default
+    return field(default=stored, metadata={"option": declared})
+
+
+def options_of(cls) -> dict[str, Option]:
+    """name -> Option for every field of the dataclass CLS that declares one, in declaration order."""
+    from dataclasses import fields
+
+    return {f.name: replace(f.metadata["option"], name=f.name) for f in fields(cls) if "option" in f.metadata}
+
+
+def _kind_of(default) -> str:
+    if isinstance(default, bool):
+        return "flag"
+    if isinstance(default, int):
+        return "int"
+    if isinstance(default, float):
+        return "float"
+    return "text"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

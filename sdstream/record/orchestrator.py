@@ -1,0 +1,239 @@
+"""The orchestrator: the only driver of the loop. The CLI, batch, the server, diagnostics, tools and tests all
+call run(request, sinks); they differ only in the sinks they pass (a run folder, progress, JSON lines, SSE).
+
+    phase 1, no torch:  validate the request, decode its pictures, find the model (on disk? its words?),
+                        claim the run folder (sinks' claim)
+    phase 2:            load the model (cached), the checks that need it, the hooks; then the loop, each step to
+                        every sink with its tensors and, on frame steps, its preview picture; the final decode
+
+Out-of-memory, NaN/inf, cancellation and interruption are handled here, once, and end every sink the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..errors import BadInput, SdstreamError
+from ..inputs import Inputs, load_inputs
+from ..models.registry import ModelSource, check_available
+from .sinks import NanCheck, Outcome, RunInfo, Sink, Step, as_sink
+
+OOM_HINT = "try --cpu-offload, --vae-tiling, --attention-slicing, or a smaller --width/--height"
+
+
+class Cancelled(KeyboardInterrupt):
+    """The run's `cancelled` callback said stop (a server client went away)."""
+
+
+@dataclass
+class Result:
+    """A complete run: its final image and what it was."""
+
+    image: object  # PIL image
+    info: RunInfo
+    outcome: Outcome
+
+    @property
+    def seed(self) -> int:
+        return self.info.request.seed
+
+    @property
+    def run_dir(self):
+        return self.info.run_dir
+
+    @property
+    def image_path(self):
+        return self.outcome.image_path
+
+    @property
+    def manifest_path(self):
+        return self.outcome.manifest_path
+
+
+@dataclass
+class Prepared:
+    """A request's loaded pipeline and what follows from it; nothing has been written yet."""
+
+    pipe: object
+    device: str
+    width: int
+    height: int
+    previewer: object | None  # core.preview.Previewer, or None for --preview none
+    hooks: list
+
+
+def run(req, sinks: Sequence = (), *, inputs: Inputs | None = None,
+        cancelled: Callable[[], bool] = lambda: False) -> Result:
+    """Run REQ to SINKS (Sink objects, or functions of event dicts). Raises BadInput before anything is written
+    for a bad request, SdstreamError (with a hint) for a failed run, KeyboardInterrupt when interrupted."""
+    req = req.validated()
+    sinks = [as_sink(s) for s in sinks] + [NanCheck()]
+    inputs = inputs if inputs is not None else load_inputs(req)
+    source = check_available(req)
+    info, finished = None, set()
+    try:
+        for sink in sinks:
+            sink.claim(req)
+        for sink in sinks:
+            sink.load(source)
+        started = time.perf_counter()
+        ready = prepare(req, source, inputs, previews=any(sink.pictures for sink in sinks))
+        info = _info(req, source, ready, time.perf_counter() - started)
+        for sink in sinks:
+            sink.start(info)
+        image = _denoise(req, ready, info, sinks, cancelled)
+        outcome = Outcome("complete", image)
+        info.timings["total"] = round(time.perf_counter() - started, 4)
+        for sink in sinks:
+            sink.finish(info, outcome)
+            finished.add(id(sink))
+        return Result(image, info, outcome)
+    except BaseException as e:
+        failure = _failure(e)
+        if info is not None:
+            info.timings["total"] = round(time.perf_counter() - started, 4)
+        outcome = Outcome("interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=failure)
+        for sink in sinks:
+            if id(sink) not in finished:
+                try:
+                    sink.finish(info, outcome)
+                except Exception:  # a sink failing while the run fails: the run's own error is what counts
+                    pass
+        if failure is e:
+            raise
+        raise failure from e
+
+
+def _failure(e: BaseException) -> BaseException:
+    """The error to report for E: out of memory (GPU or CPU) becomes one line with the knobs; the rest as it is."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+        from ..core.preview import free_memory
+
+        free_memory()  # so that a batch or a server goes on
+        return SdstreamError(f"out of memory: {str(e).splitlines()[0][:160]}", hint=OOM_HINT)
+    return e
+
+
+def _info(req, source: ModelSource, ready: Prepared, load_seconds: float) -> RunInfo:
+    from ..models.loader import dtype_name
+
+    info = RunInfo(req, source, ready.device, dtype_name(ready.pipe.unet.dtype), ready.width, ready.height,
+                   req.first_step, req.total_steps)
+    info.timings["load"] = round(load_seconds, 4)
+    return info
+
+
+def _denoise(req, ready: Prepared, info: RunInfo, sinks: list[Sink], cancelled) -> object:
+    """The loop, each step to every sink; then the checks of the finished steps and the final image."""
+    from ..core.loop import denoise
+    from ..core.preview import vae_decode
+
+    previewer, latents = ready.previewer, None
+    began = time.perf_counter()
+    events = denoise(ready.pipe, req, ready.width, ready.height, ready.hooks)
+    while True:
+        if cancelled():  # asked before each step is computed
+            raise Cancelled
+        ev = next(events, None)
+        if ev is None:
+            break
+        if latents is None:  # what came before the first step was prompt encoding and latent set-up
+            info.timings["prepare"] = round(time.perf_counter() - began - ev.seconds, 4)
+        latents = ev.latents
+        due = previewer is not None and ((ev.step - ev.first_step) % req.frames_every == 0
+                                         or ev.step == ev.total_steps)
+        step = Step(ev, previewer(ev) if due else None)
+        info.timings["steps"].append(round(ev.seconds, 4))
+        for sink in sinks:
+            sink.step(step)
+    for sink in sinks:
+        sink.steps_done(info)
+    decode_started = time.perf_counter()
+    image = vae_decode(ready.pipe, latents, info.recoveries)
+    info.timings["decode"] = round(time.perf_counter() - decode_started, 4)
+    return image
+
+
+# ------------------------------------------------------------------------------------------ phase 2: the model
+
+
+def prepare(req, source: ModelSource, inputs: Inputs, previews: bool = True) -> Prepared:
+    """Load (cached) the pipeline REQ asks for, make the checks that need it, build the hooks (and, with
+    PREVIEWS, the frame decoder). Writes nothing."""
+    from ..models.loader import quiet_libraries
+
+    quiet_libraries()  # before diffusers is first imported
+    from ..core.preview import Previewer
+    from ..models.loader import Speed, load_pipeline, resolve_device, resolve_dtype
+
+    device = resolve_device(req.device)
+    if req.cpu_offload and not device.startswith("cuda"):
+        raise BadInput(f"--cpu-offload moves models between a GPU and the CPU; the device here is {device}")
+    speed = Speed(req.compile, req.cpu_offload, req.vae_tiling, req.attention_slicing)
+    pipe = load_pipeline(source, device, resolve_dtype(req.dtype, device), speed)
+    width, height = size_of(pipe, req, inputs)
+    check_against_model(pipe, req, width, height)
+    hooks = hooks_for(pipe, req, inputs)
+    wanted = previews and req.preview != "none"
+    previewer = Previewer(pipe, req.preview, req.frame_source, req.taesd) if wanted else None
+    return Prepared(pipe, device, width, height, previewer, hooks)
+
+
+def size_of(pipe, req, inputs: Inputs) -> tuple[int, int]:
+    """(width, height): as asked; else a starting picture's size, rounded down to the VAE factor (diffusers'
+    img2img keeps the picture's size); else the model's native size."""
+    factor = pipe.vae_scale_factor
+    picture = inputs.get("init_image") or inputs.get("start_image")
+    if picture is not None:
+        native = (max(factor, picture.width // factor * factor), max(factor, picture.height // factor * factor))
+    else:
+        native = (pipe.unet.config.sample_size * factor,) * 2
+    return req.width or native[0], req.height or native[1]
+
+
+def check_against_model(pipe, req, width: int, height: int) -> None:
+    """The checks that need the model, raised before any output exists."""
+    from ..core.schedulers import make_scheduler
+
+    factor = pipe.vae_scale_factor
+    for option, value in (("--width", width), ("--height", height)):
+        if value % factor:
+            raise BadInput(f"{option} {value} is not a multiple of {factor} (this model's VAE factor)")
+    import torch
+
+    scheduler = make_scheduler(req.scheduler, pipe.scheduler.config)
+    scheduler.set_timesteps(req.steps, device="cpu")
+    if len(scheduler.timesteps) != req.total_steps:  # the step arithmetic checked before loading assumed it
+        raise BadInput(f"--scheduler {req.scheduler}: this model's scheduler config gives {len(scheduler.timesteps)}"
+                       f" timesteps for {req.steps} steps, not {req.total_steps}")
+    try:  # one step on a 2x2 nothing: a scheduler that can't take this model's prediction type says so now
+        zeros = torch.zeros(1, 1, 2, 2)
+        scheduler.step(zeros, scheduler.timesteps[0], scheduler.scale_model_input(zeros, scheduler.timesteps[0]))
+    except (ValueError, NotImplementedError) as e:
+        kind = scheduler.config.prediction_type
+        raise BadInput(f"--scheduler {req.scheduler} does not work with this model's prediction type {kind!r} "
+                       f"({str(e).splitlines()[0]})") from None
+
+
+def hooks_for(pipe, req, inputs: Inputs) -> list:
+    """The loop's hooks for REQ's interventions, in the order they act."""
+    from ..core.hooks import ImagePrompt, NoiseInjection, StartFromPicture
+
+    hooks = []
+    picture = inputs.get("init_image") or inputs.get("start_image")
+    if picture is not None:
+        hooks.append(StartFromPicture(picture, req.first_step))
+    if req.prompt_image is not None:
+        from ..models.clip import embedder_for
+
+        embedder = embedder_for(pipe, req.clip_model)  # loads it; its width must be the UNet's cross-attention's
+        hooks.append(ImagePrompt(embedder, inputs.get("prompt_image"), req.image_weight))
+    if req.inject_steps:
+        pattern = req.mask if req.mask_is_pattern else None
+        hooks.append(NoiseInjection(req.inject_steps, req.noise_strength, req.seed, pattern, inputs.get("mask")))
+    return hooks

@@ -1,0 +1,487 @@
+"""Run folders: the one module that writes them (RunFolder, a sink) and reads them (read_run, open_run).
+
+    RUN/run.json             the manifest; its "files" lists every file sdstream wrote into the folder
+    RUN/final.png            the image, with its parameters as PNG text
+    RUN/frames/step-NNNN.png a picture per step (or every Nth)
+
+A folder is known as a run by its manifest (written by sdstream, listing its files), never by file names:
+--overwrite replaces only what that list names, refuses a folder holding anything else, and never follows a
+link. While a run writes its folder it holds an exclusive lock on it (flock on the folder itself): a second
+run into it is refused at once, and a reader tells a run that died (status "running", no lock) from one that
+is running. run.json tells the truth as the run goes: frames are listed once they are on disk (rewritten at
+most once a second, and at the end), and every way a run ends is recorded, with its error.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .. import __version__
+from ..errors import BadInput
+from .files import FrameWriter, new_dir, save_image, slug, write_json
+from .sinks import Outcome, RunInfo, Sink, Step, error_text
+
+MANIFEST = "run.json"
+FINAL = "final.png"
+FRAMES = "frames"
+FLUSH_SECONDS = 1.0  # run.json is rewritten during a run at most this often (frames so far, heartbeat)
+
+
+# ------------------------------------------------------------------------------------------ ownership
+
+
+def _read_manifest(path: Path) -> dict | None:
+    try:
+        data = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "sdstream" in data else None
+
+
+def listed_files(manifest: dict) -> set[str]:
+    """The files (relative paths) a run's manifest says sdstream wrote into its folder."""
+    files = set(manifest.get("files") or ())
+    files |= {str(f.get("file")) for f in manifest.get("frames") or () if isinstance(f, dict)}  # older manifests
+    if manifest.get("image"):
+        files.add(str(manifest["image"]))
+    return files | {MANIFEST}
+
+
+def foreign_entries(path: Path, listed: set[str]) -> list[str]:
+    """What PATH holds that LISTED does not name: other files, unlisted folders, links (never followed).
+    A listed name ending in / is a folder the run made."""
+    folders = {f.rstrip("/") for f in listed if f.endswith("/")} | {str(Path(f).parent) for f in listed} - {"."}
+    folders |= {str(p) for f in folders for p in Path(f).parents if str(p) != "."}
+    found = []
+
+    def walk(folder: Path, rel: str) -> None:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                name = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.is_symlink():
+                    found.append(f"{name} (a link)")
+                elif entry.is_dir(follow_symlinks=False):
+                    if name in folders:
+                        walk(Path(entry.path), name)
+                    else:
+                        found.append(name + "/")
+                elif name not in listed and not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+                    found.append(name)  # (.name.*.tmp: a temporary file of an interrupted atomic write)
+
+    walk(path, "")
+    return sorted(found)
+
+
+def check_folder(path: Path, overwrite: bool, option: str = "--out", locked_by_us: bool = False) -> None:
+    """BadInput unless PATH can become a run folder now: absent or empty, or (with OVERWRITE) an earlier run
+    holding only its own files and not being written; and writable (tried, not guessed)."""
+    if os.path.lexists(path) and not path.is_dir():
+        raise BadInput(f"{option} {str(path)!r} is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise BadInput(f"{option} {str(path)!r} is not empty; pass --overwrite or choose another folder")
+        manifest = _read_manifest(path)
+        if manifest is None:
+            raise BadInput(f"{option} {str(path)!r} is not an sdstream run folder (no run.json of sdstream's); "
+                           "--overwrite only replaces an earlier run")
+        foreign = foreign_entries(path, listed_files(manifest))
+        if foreign:
+            raise BadInput(f"{option} {str(path)!r} holds files sdstream did not write ({', '.join(foreign[:3])}); "
+                           "--overwrite only replaces an earlier run")
+        if not locked_by_us and is_locked(path):
+            raise BadInput(f"{option} {str(path)!r} is being written by another sdstream run right now")
+    probe_writable(path, option)
+
+
+def probe_writable(path: Path, option: str = "--out") -> None:
+    """Create and remove a file in PATH (or its nearest existing parent): only trying tells (root, read-only mounts)."""
+    parent = Path(path).absolute()
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        fd, name = tempfile.mkstemp(prefix=".sdstream-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise BadInput(f"{option} {str(path)!r} cannot be written: {e.strerror or e} ({parent})") from None
+
+
+def lock(path: Path) -> int | None:
+    """An exclusive lock on folder PATH (a file descriptor to keep open), or None when someone else holds it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        os.close(fd)
+        return None
+
+
+def is_locked(path: Path) -> bool:
+    """Whether a live sdstream process is writing folder PATH."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def clear(path: Path, manifest: dict) -> None:
+    """Remove the files MANIFEST lists from PATH, and the folders that leaves empty; nothing else, no link followed."""
+    listed = sorted(listed_files(manifest), key=lambda f: f.count("/"), reverse=True)
+    for name in listed:
+        target = path / name
+        if target.is_file() and not target.is_symlink():
+            target.unlink()
+    made = {Path(f) for f in listed if f.endswith("/")} | {Path(f).parent for f in listed}
+    for folder in sorted(made - {Path(".")}, key=lambda p: len(p.parts), reverse=True):
+        try:
+            (path / folder).rmdir()
+        except OSError:
+            pass
+    for stale in path.rglob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def register_files(run_dir: Path, names: list[str]) -> None:
+    """Add NAMES (files a viewer wrote into a run folder: animation.gif, sheet.png) to its manifest's list."""
+    manifest = _read_manifest(run_dir)
+    if manifest is None:
+        return
+    files = set(manifest.get("files") or ()) | set(names)
+    write_json(run_dir / MANIFEST, {**manifest, "files": sorted(files)})
+
+
+def write_failed(path: Path, req, error: BaseException, seconds: float) -> None:
+    """A run.json saying why a run failed before it started (the model did not load), in its folder cleared of
+    any earlier run: for batches, whose summary points at every line's folder."""
+    try:
+        earlier = _read_manifest(path)
+        if earlier is not None:
+            clear(path, earlier)
+        path.mkdir(parents=True, exist_ok=True)
+        write_json(path / MANIFEST, {
+            "sdstream": __version__, "status": "failed", "error": error_text(error), "request": req.to_dict(),
+            "seed": req.seed, "timings": {"total": round(seconds, 4)}, "frames": [], "image": None,
+            "files": [MANIFEST], "created": _now(), "finished": _now(),
+        })
+    except OSError:  # the folder itself is the problem; the batch summary still records the error
+        pass
+
+
+# ------------------------------------------------------------------------------------------ writing a run
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class RunFolder(Sink):
+    """A run's folder, as a sink. check() and claim() come before the model loads (claim creates and locks it);
+    the sink methods write frames, run.json and final.png; the lock goes when the run ends."""
+
+    pictures = True
+
+    def __init__(self, path: str | Path | None = None, overwrite: bool = False, root: Path = Path("outputs")):
+        self.path = Path(path) if path is not None else None
+        self.overwrite, self.root = overwrite, root
+        self._fd: int | None = None
+        self._created = False
+        self._written: list[tuple[int, str]] = []  # (step, file) of frames on disk, from the writer's threads
+        self._written_lock = threading.Lock()
+        self._timesteps: dict[int, int] = {}
+        self.manifest: dict = {}
+        self.writer: FrameWriter | None = None
+
+    # ---------------------------------------------------------------- before the model loads
+
+    def check(self) -> None:
+        if self.path is None:
+            probe_writable(self.root)
+        else:
+            check_folder(self.path, self.overwrite)
+
+    def claim(self, req) -> None:
+        """Check, create and lock the folder (a default one is new and unique). BadInput when it can't be this run's."""
+        self.check()
+        if self.path is None:
+            self.path = new_dir(self.root, f"{slug(req.prompt)}-{req.seed}", create=True)
+            self._created = True
+        else:
+            self._created = not self.path.exists()
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise BadInput(f"--out {str(self.path)!r} cannot be written: {e.strerror or e}") from None
+        self._fd = lock(self.path)
+        if self._fd is None:
+            raise BadInput(f"--out {str(self.path)!r} is being written by another sdstream run right now")
+        check_folder(self.path, self.overwrite, locked_by_us=True)  # again, now that nobody else can change it
+
+    def release(self) -> None:
+        """Unlock; a folder this run created and never wrote into is removed again (a failed load writes nothing)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._created and self.path is not None and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
+
+    # ---------------------------------------------------------------- the sink
+
+    def start(self, info: RunInfo) -> None:
+        path, req = self.path, info.request
+        info.run_dir = path
+        earlier = _read_manifest(path)
+        if earlier is not None and self.overwrite:
+            clear(path, earlier)
+        self.manifest = _manifest(info)
+        if req.preview != "none":
+            (path / FRAMES).mkdir(exist_ok=True)
+            self.writer = FrameWriter(path / FRAMES, req.frame_format, written=self._frame_written)
+        self.flush()
+
+    def _frame_written(self, step: int, file: Path) -> None:
+        with self._written_lock:
+            self._written.append((step, f"{FRAMES}/{file.name}"))
+
+    def step(self, step: Step) -> None:
+        ev = step.event
+        if step.picture is not None and self.writer is not None:
+            step.frame = self.writer.submit(ev.step, step.picture)
+            self._timesteps[ev.step] = ev.timestep
+        if ev.injected:
+            self.manifest["injected_at"].append(ev.step)
+        if time.monotonic() - self._flushed > FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Rewrite run.json with what is on disk now (and a heartbeat)."""
+        m = self.manifest
+        with self._written_lock:
+            written = sorted(self._written)
+        m["frames"] = [{"step": s, "timestep": self._timesteps.get(s), "file": f} for s, f in written]
+        made = [FRAMES + "/"] if self.writer is not None else []
+        m["files"] = sorted({MANIFEST, *made, *(f for _, f in written), *([m["image"]] if m["image"] else [])})
+        m["updated"] = _now()
+        write_json(self.path / MANIFEST, m)
+        self._flushed = time.monotonic()
+
+    def finish(self, info: RunInfo | None, outcome: Outcome) -> None:
+        try:
+            if self.manifest:  # the run started: frames first, then the picture, then the truth in run.json
+                self._finish(info, outcome)
+        finally:
+            self.release()
+
+    def _finish(self, info: RunInfo, outcome: Outcome) -> None:
+        failure = None
+        try:
+            if self.writer is not None:
+                self.writer.close()
+            if outcome.status == "complete":
+                save_image(outcome.image, self.path / FINAL, pnginfo=pnginfo(info))
+                self.manifest["image"] = FINAL
+        except Exception as e:  # a write error (disk full) while finishing
+            failure = e
+            if outcome.status == "complete":  # then the run failed; a run already failing keeps its first error
+                outcome.status, outcome.error = "failed", e
+        error = outcome.error
+        self.manifest.update(status=outcome.status, error=error_text(error) if error else None,
+                             timings=info.timings, recoveries=info.recoveries, finished=_now())
+        self.flush()
+        outcome.frames = len(self.manifest["frames"])
+        outcome.image_path = self.path / FINAL if outcome.status == "complete" else None
+        outcome.manifest_path = self.path / MANIFEST
+        if failure is not None and outcome.error is failure:
+            raise failure
+
+
+def _manifest(info: RunInfo) -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    req, model = info.request, info.model
+    return {
+        "sdstream": __version__,
+        "status": "running",
+        "error": None,
+        "request": req.to_dict(),
+        "model": {"name": model.name, "alias": model.alias, "kind": model.kind, "location": model.location},
+        "seed": req.seed,
+        "scheduler": req.scheduler,
+        "device": info.device,
+        "dtype": info.dtype,
+        "width": info.width,
+        "height": info.height,
+        "first_step": info.first_step,
+        "total_steps": info.total_steps,
+        "inject_steps": list(req.inject_steps),
+        "injected_at": [],
+        "recoveries": info.recoveries,
+        "versions": {
+            "sdstream": __version__,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "timings": info.timings,
+        "frames": [],
+        "image": None,
+        "files": [MANIFEST],
+        "process": {"pid": os.getpid(), "host": socket.gethostname()},
+        "created": _now(),
+        "updated": None,
+        "finished": None,
+    }
+
+
+def a1111_parameters(req, width: int, height: int, model: str) -> str:
+    """The 'parameters' text that A1111-compatible tools read from a PNG: prompt, negative prompt, then each
+    option that has an A1111 name and is set, with the size and the model."""
+    from ..core.schedulers import SCHEDULERS
+    from ..request import OPTIONS
+
+    lines = [req.prompt]
+    if req.negative_prompt:
+        lines.append(f"Negative prompt: {req.negative_prompt}")
+    fields = {"Steps": req.steps, "Sampler": SCHEDULERS[req.scheduler].label}
+    for name, opt in OPTIONS.items():
+        value = req.inject_steps if name == "inject_at_step" else getattr(req, name)
+        if opt.a1111 and opt.a1111 not in fields and value not in (None, (), "") and (name != "eta" or value):
+            fields[opt.a1111] = (f"{value:g}" if isinstance(value, float) else
+                                 " ".join(map(str, value)) if isinstance(value, tuple) else value)
+    fields.update(Size=f"{width}x{height}", Model=model)
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
+    return "\n".join(lines)
+
+
+def pnginfo(info: RunInfo):
+    from PIL.PngImagePlugin import PngInfo
+
+    png = PngInfo()
+    png.add_text("parameters", a1111_parameters(info.request, info.width, info.height, info.model.name))
+    png.add_text("sdstream", json.dumps(info.request.to_dict()))
+    return png
+
+
+# ------------------------------------------------------------------------------------------ reading a run
+
+
+@dataclass(frozen=True)
+class Frame:
+    step: int
+    timestep: float | int | None
+    path: Path
+
+
+@dataclass
+class RunRecord:
+    """A run folder as written: its manifest, the frames on disk, and the frame files it lists but lacks."""
+
+    dir: Path
+    manifest: dict
+    frames: list[Frame]
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.dir.resolve().name
+
+    @property
+    def status(self) -> str:
+        """The manifest's status, or 'killed' for a run that says 'running' while nobody writes its folder."""
+        status = self.manifest.get("status") or "unknown"
+        return "killed" if status == "running" and not is_locked(self.dir) else status
+
+    @property
+    def steps(self) -> list[int]:
+        """The steps that have a frame on disk."""
+        return [f.step for f in self.frames]
+
+    @property
+    def injected(self) -> set[int]:
+        return set(self.manifest.get("injected_at") or ())
+
+    def progress(self, frame: Frame) -> float:
+        """Fraction of this run's own steps done at FRAME (as the 'progress' of a step event, over 1)."""
+        first = self.manifest.get("first_step") or 1
+        total = self.manifest.get("total_steps") or self.frames[-1].step
+        return (frame.step - first + 1) / max(1, total - first + 1)
+
+    def frame(self, step: int):
+        """The picture of STEP as a PIL image (RGB)."""
+        from PIL import Image
+
+        found = next((f for f in self.frames if f.step == step), None)
+        if found is None:
+            raise BadInput(f"run {str(self.dir)!r} has no frame for step {step}")
+        with Image.open(found.path) as im:
+            return im.convert("RGB")
+
+
+def read_run(run_dir: str | Path, *, need_frames: bool = True) -> RunRecord:
+    """Read RUN_DIR/run.json. BadInput (one line) if it isn't a run folder or, with need_frames, has no frames.
+    Frame paths that lead outside the folder are not followed."""
+    path = Path(run_dir)
+    if not path.exists():
+        raise BadInput(f"run folder {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise BadInput(f"{str(path)!r} is a file, not a run folder")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise BadInput(f"{str(path)!r} has no {MANIFEST}; is it an sdstream run folder?")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"cannot read {str(manifest_path)!r}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{str(manifest_path)!r} is not valid JSON ({e.msg} at line {e.lineno})") from e
+    if not isinstance(manifest, dict):
+        raise BadInput(f"{str(manifest_path)!r} does not hold a run manifest (a JSON object)")
+
+    inside, found, missing = path.resolve(), [], []
+    for entry in manifest.get("frames") or []:
+        try:
+            frame = Frame(int(entry["step"]), entry.get("timestep"), path / entry["file"])
+        except (TypeError, KeyError, ValueError) as e:
+            raise BadInput(f"{str(manifest_path)!r}: malformed frame entry {entry!r}") from e
+        if not frame.path.resolve().is_relative_to(inside):
+            raise BadInput(f"{str(manifest_path)!r}: frame {entry['file']!r} is outside the run folder")
+        if frame.path.is_file():
+            found.append(frame)
+        else:
+            missing.append(str(entry["file"]))
+    found.sort(key=lambda f: f.step)
+    run = RunRecord(path, manifest, found, missing)
+    if need_frames and not found:
+        if missing:
+            why = f"none of the {len(missing)} frame files run.json lists are on disk"
+        elif (manifest.get("request") or {}).get("preview") == "none":
+            why = "it was generated with --preview none"
+        else:
+            why = f"run.json lists no frames (status {run.status!r})"
+        raise BadInput(f"run {str(path)!r} has no frames: {why}")
+    return run
+
+
+def open_run(run_dir: str | Path) -> RunRecord:
+    """A finished (or stopped, or failed) run folder, for scripts: .manifest, .steps, .frame(step)."""
+    return read_run(run_dir, need_frames=False)
