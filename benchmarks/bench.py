@@ -87,7 +87,7 @@ def main() -> None:
 
     import sdstream
     from sdstream import GenerationRequest
-    from sdstream.loader import dtype_name
+    from sdstream.models.loader import dtype_name
 
     work = Path(tempfile.mkdtemp(prefix="sdstream-bench-"))
     model = str(sd15_random_folder(work)) if args.full_size else "tiny"
@@ -126,7 +126,8 @@ def main() -> None:
 
     def sdstream_run(preview, compile=False):
         req = GenerationRequest(prompt=prompt, model=model, steps=steps, width=size, height=size, seed=1,
-                                device=str(device), preview=preview, taesd=args.taesd, compile=compile)
+                                device=str(device), preview=preview, compile=compile,
+                                taesd=args.taesd if preview == "taesd" else None)
         return lambda: sdstream.run(req, work / f"c-{preview}-{compile}", overwrite=True)
 
     variants = {

@@ -71,9 +71,14 @@ class Option:
 
     def check(self, value):
         """VALUE (from the CLI, a batch line or an HTTP body) made canonical, or BadInput naming what is allowed."""
-        if value is None:
-            return None
         kind = self.kind
+        if value is None:
+            if self.default is None or self.needs:  # an option that may be left out
+                return None
+            if kind in ("int", "float", "steps"):
+                raise BadInput(f"{self.flag} None is not allowed: {self._allowed()}")
+            raise BadInput(f"{self.flag} None is not allowed: give " + ("true or false" if kind == "flag" else
+                           f"one of: {', '.join(self.names())}" if kind == "choice" else "text"))
         if kind == "flag":
             if not isinstance(value, bool):
                 raise BadInput(f"{self.flag} {value!r} is not allowed: give true or false")

@@ -20,8 +20,10 @@ from PIL import Image
 
 import sdstream
 from sdstream.errors import BadInput, SdstreamError
-from sdstream.images import open_image
+from sdstream.inputs import open_image
 from sdstream.request import GenerationRequest
+
+from conftest import read_line
 
 
 def run(tmp_path, pipe_dtype="auto", **kw):
@@ -91,10 +93,9 @@ def test_out_of_memory_in_the_loop_names_the_knobs(tiny, tmp_path, monkeypatch):
 def test_sigterm_exits_143_and_keeps_the_run(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "sdstream", "generate", "-m", "tiny", "--steps", "400", "--json",
-                             "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if json.loads(line).get("step") == 2:
-            break
+                             "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while json.loads(read_line(proc.stdout)).get("step") != 2:
+        pass
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
     m = json.loads((out / "run.json").read_text())
@@ -167,7 +168,7 @@ def test_random_option_values_give_only_clean_errors(options):
 def test_hub_errors_become_one_line_messages_with_a_next_step():
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    from sdstream.loader import hub_error
+    from sdstream.models.loader import hub_error
 
     def bare(cls):  # the real classes, without the HTTP response they usually wrap
         e = cls.__new__(cls)
@@ -186,7 +187,7 @@ def test_hub_errors_become_one_line_messages_with_a_next_step():
 def test_a_folder_missing_a_part_says_which(tmp_path):
     import shutil
 
-    from sdstream.tiny import tiny_path
+    from sdstream.models.registry import tiny_path
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_path(), broken)
@@ -197,7 +198,7 @@ def test_a_folder_missing_a_part_says_which(tmp_path):
 
 @given(st.text(max_size=300))
 def test_names_made_from_prompts_are_safe(prompt):
-    from sdstream.frames import slug
+    from sdstream.record.files import slug
 
     name = slug(prompt)
     assert 1 <= len(name) <= 40 and name.isascii() and "/" not in name and ".." not in name
@@ -205,27 +206,27 @@ def test_names_made_from_prompts_are_safe(prompt):
 
 
 def test_default_run_folders_are_unique(tmp_path):
-    from sdstream.frames import default_run_dir
+    from sdstream.record.files import new_dir, slug
 
-    first = default_run_dir("../../etc/passwd\n\x1b[31m", 1, root=tmp_path)
-    first.mkdir()
-    second = default_run_dir("../../etc/passwd\n\x1b[31m", 1, root=tmp_path)
-    assert first.parent == second.parent == tmp_path and first != second
+    name = f"{slug(chr(10).join(['../../etc/passwd', '[31m']))}-1"
+    first = new_dir(tmp_path, name, create=True)
+    second = new_dir(tmp_path, name, create=True)  # made at once, exclusively: two runs never share one
+    assert first.parent == second.parent == tmp_path and first != second and first.is_dir() and second.is_dir()
     assert first.name.endswith("-etc-passwd-31m-1")
 
 
 def test_sigterm_while_loading_exits_143_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "sdstream", "generate", "-m", "tiny", "--json", "-o", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert json.loads(proc.stdout.readline())["event"] == "load"  # torch and the model are loading now
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert json.loads(read_line(proc.stdout))["event"] == "load"  # torch and the model are loading now
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
     assert not out.exists()
 
 
 def test_a_broken_sdstream_json_in_a_model_folder_names_the_file(tmp_path):
-    from sdstream.tiny import model_notes
+    from sdstream.models.notes import model_notes
 
     assert model_notes(tmp_path) == {}  # no notes: nothing to add to what diffusers' configs say
     (tmp_path / "sdstream.json").write_text("[1, 2]")

@@ -18,8 +18,11 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sdstream.loop import denoise
-from sdstream.preview import Previewer
+from sdstream.core.loop import denoise
+from sdstream.core.preview import Previewer
+from sdstream.inputs import load_inputs
+from sdstream.record.orchestrator import hooks_for, size_of
+from sdstream.record.sinks import NanCheck, Step
 from sdstream.request import GenerationRequest
 
 aten = torch.ops.aten
@@ -54,12 +57,22 @@ def on_meta(tiny):
     return copy.deepcopy(tiny).to("meta")
 
 
+def loop(pipe, req):
+    """The loop with the request's hooks, as the orchestrator drives it."""
+    inputs = load_inputs(req)
+    return denoise(pipe, req, *size_of(pipe, req, inputs), hooks_for(pipe, req, inputs))
+
+
 def traffic_per_step(pipe, **kw) -> tuple[list[str], list[list[str]], list]:
-    """(traffic before the first step, traffic of each later step, the events)."""
+    """(traffic before the first step, traffic of each later step, the events), with the per-step work of the
+    sinks that see tensors on every step (the NaN check, the shared event dictionary)."""
     req = GenerationRequest(model="tiny", steps=6, seed=1, prompt="a red circle", **kw).validated()
-    traffic, marks, events = Traffic(), [], []
+    traffic, marks, events, nan_check = Traffic(), [], [], NanCheck()
+    nan_check.flags, nan_check.first = [], req.first_step
     with traffic:
-        for event in denoise(pipe, req):
+        for event in loop(pipe, req):
+            nan_check.step(Step(event))
+            Step(event).to_dict()
             marks.append(len(traffic.log))
             events.append(event)
     log = traffic.log
@@ -88,7 +101,7 @@ def test_injection_uploads_its_noise_once(on_meta):
 @pytest.mark.parametrize("mode", ["approx", "vae"])
 def test_previews_stay_on_the_device(on_meta, mode):
     req = GenerationRequest(model="tiny", steps=2, seed=1, prompt="a red circle").validated()
-    *_, last = denoise(on_meta, req)
+    *_, last = loop(on_meta, req)
     previewer, traffic = Previewer(on_meta, mode, "x0"), Traffic()
     with traffic:
         picture = previewer(last)

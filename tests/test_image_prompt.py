@@ -11,13 +11,14 @@ import torch
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
-from sdstream import clip
+import sdstream
+from sdstream.cli import app
 from sdstream.errors import BadInput
-from sdstream.loop import check_against_model, denoise
-from sdstream.preview import vae_decode
+from sdstream.inputs import load_inputs
+from sdstream.models import clip
 from sdstream.request import GenerationRequest
 
-from conftest import json_lines, sdstream_cli
+from conftest import json_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "examples" / "photo.png"
@@ -64,14 +65,10 @@ def run(pipe, **kw) -> tuple[np.ndarray, list[torch.Tensor]]:
         lambda module, args, kwargs: states.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True
     )
     try:
-        req = GenerationRequest(**{"model": "tiny", "device": "cpu", "steps": 3, "seed": 3, **kw}).validated()
-        check_against_model(pipe, req)
-        latents = None
-        for event in denoise(pipe, req):
-            latents = event.latents
+        image = sdstream.generate(GenerationRequest(**{"model": "tiny", "device": "cpu", "steps": 3, "seed": 3, **kw}))
     finally:
         hook.remove()
-    return np.asarray(vae_decode(pipe, latents), dtype=np.int16), states
+    return np.asarray(image, dtype=np.int16), states
 
 
 def test_same_photo_same_pixels_different_photo_different(tiny, other_photo):
@@ -86,7 +83,7 @@ def test_same_photo_same_pixels_different_photo_different(tiny, other_photo):
 def test_unet_gets_clip_image_features_repeated_over_the_token_positions(tiny):
     from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
-    from sdstream.tiny import tiny_path
+    from sdstream.models.registry import tiny_path
 
     _, states = run(tiny, prompt_image=str(PHOTO), negative_prompt="green", steps=2)
     assert len(states) == 2 and all(torch.equal(s, states[0]) for s in states)
@@ -140,19 +137,17 @@ def test_image_weight_blends_image_and_text(tiny):
     "kw,message",
     [
         (dict(prompt_image=str(PHOTO), image_weight=1.5), "--image-weight 1.5"),
-        (dict(image_weight=0.5), "--image-weight applies to --prompt-image"),
-        (dict(clip_model="tiny"), "--clip-model applies to --prompt-image"),
+        (dict(image_weight=0.5), "--image-weight applies only with --prompt-image"),
+        (dict(clip_model="tiny"), "--clip-model applies only with --prompt-image"),
         (dict(prompt_image="no-such-photo.png"), "--prompt-image 'no-such-photo.png': no such file"),
     ],
 )
 def test_request_validation(kw, message):
     with pytest.raises(BadInput, match=message):
-        GenerationRequest(model="tiny", **kw).validated()
+        load_inputs(GenerationRequest(model="tiny", **kw).validated())
 
 
 def cli(*args: str):
-    from sdstream.cli import app
-
     return CliRunner().invoke(app, [*args, "--model", "tiny", "--device", "cpu", "--steps", "2", "--seed", "5"])
 
 
@@ -202,12 +197,14 @@ def test_generate_prompt_image_is_image_prompt(tiny, tmp_path):
     assert requests[0] == requests[1] and requests[0]["prompt_image"] == str(PHOTO)
 
 
-def test_image_prompt_end_to_end(tmp_path):
+def test_image_prompt_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
     out = tmp_path / "run"
-    proc = sdstream_cli("image-prompt", "examples/photo.png", "--model", "tiny", "--steps", "3", "--seed", "2",
-                        "--json", "-o", str(out), cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    events = json_lines(proc.stdout)
+    result = CliRunner().invoke(app, [
+        "image-prompt", "examples/photo.png", "--model", "tiny", "--steps", "3", "--seed", "2", "--json", "-o",
+        str(out)])
+    assert result.exit_code == 0, result.output
+    events = json_lines(result.stdout)
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3] and events[-1]["event"] == "done"
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["status"] == "complete"

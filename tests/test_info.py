@@ -13,7 +13,7 @@ from PIL import Image
 
 from sdstream import __version__
 from sdstream.masks import PATTERNS
-from sdstream.registry import ALIASES
+from sdstream.models.registry import ALIASES
 
 from conftest import sdstream_cli
 
@@ -43,28 +43,28 @@ def test_light_commands_do_not_import_torch(args, tmp_path):
     assert heavy == []
 
 
-def test_masks_json_lists_the_nine_patterns():
-    r = sdstream_cli("masks", "--json")
-    assert r.returncode == 0, r.stderr
-    rows = json.loads(r.stdout)
+def test_masks_json_lists_the_nine_patterns(cli):
+    code, stdout, stderr = cli("masks", "--json")
+    assert code == 0, stderr
+    rows = json.loads(stdout)
     assert [m["name"] for m in rows] == list(PATTERNS)
     assert all(m["description"] and m["file"] is None for m in rows)
     assert next(m for m in rows if m["name"] == "circle")["aliases"] == ["center_circle", "centre_circle"]
 
 
-def test_masks_human_output_draws_each_pattern():
-    r = sdstream_cli("masks")
-    assert r.returncode == 0, r.stderr
+def test_masks_human_output_draws_each_pattern(cli):
+    code, stdout, stderr = cli("masks")
+    assert code == 0, stderr
     for name, (description, _) in PATTERNS.items():
-        assert name in r.stdout and description.split()[0] in r.stdout
-    assert "█" in r.stdout
+        assert name in stdout and description.split()[0] in stdout
+    assert "█" in stdout
 
 
-def test_masks_preview_writes_pngs(tmp_path):
+def test_masks_preview_writes_pngs_and_never_replaces_the_users(cli, tmp_path):
     out = tmp_path / "masks"
-    r = sdstream_cli("masks", "--preview", str(out), "--size", "32", "--json")
-    assert r.returncode == 0, r.stderr
-    rows = json.loads(r.stdout)
+    code, stdout, stderr = cli("masks", "--preview", str(out), "--size", "32", "--json")
+    assert code == 0, stderr
+    rows = json.loads(stdout)
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{name}.png" for name in PATTERNS)
     assert [m["file"] for m in rows] == [str(out / f"{name}.png") for name in PATTERNS]
     circle = Image.open(out / "circle.png")
@@ -72,15 +72,20 @@ def test_masks_preview_writes_pngs(tmp_path):
     assert circle.getpixel((16, 16)) == 255 and circle.getpixel((0, 0)) == 0  # white = noise, in the middle
     left = Image.open(out / "left-half.png")
     assert left.getpixel((0, 16)) == 255 and left.getpixel((31, 16)) == 0
+    (out / "circle.png").write_bytes(b"the user's own picture")
+    code, _, stderr = cli("masks", "--preview", str(out))
+    assert code == 2 and "already holds circle.png" in stderr and "--overwrite" in stderr
+    assert (out / "circle.png").read_bytes() == b"the user's own picture"
+    assert cli("masks", "--preview", str(out), "--overwrite")[0] == 0
 
 
-def test_masks_bad_size_and_file_as_folder(tmp_path):
-    assert sdstream_cli("masks", "--size", "0").returncode == 2
+def test_masks_bad_size_and_file_as_folder(cli, tmp_path):
+    assert cli("masks", "--size", "0")[0] == 2
     afile = tmp_path / "f.png"
     afile.write_bytes(b"x")
-    r = sdstream_cli("masks", "--preview", str(afile))
-    assert r.returncode == 2
-    assert "is a file" in r.stderr and "Traceback" not in r.stderr
+    code, _, stderr = cli("masks", "--preview", str(afile))
+    assert code == 2
+    assert "is a file" in stderr and "Traceback" not in stderr
 
 
 def test_models_json_sees_the_hub_cache(tmp_path):
@@ -102,7 +107,7 @@ def test_models_json_sees_the_hub_cache(tmp_path):
         assert rows[alias]["source"] == source and rows[alias]["family"] == family
     sd15 = rows["sd15"]
     assert sd15["on_disk"] and sd15["path"] == str(snapshot) and sd15["default"]
-    assert sd15["size_bytes"] == 1000 + len("c0ffee")
+    assert sd15["size_bytes"] == 1000  # the blobs: huggingface_hub's own count of the cache
     aesthetic = rows["aesthetic"]
     assert not aesthetic["on_disk"] and aesthetic["path"] is None and aesthetic["size_bytes"] is None
     tiny = rows["tiny"]
@@ -110,19 +115,32 @@ def test_models_json_sees_the_hub_cache(tmp_path):
     assert tiny["size_bytes"] > 100_000
 
 
-def test_models_human_output():
-    r = sdstream_cli("models")
-    assert r.returncode == 0, r.stderr
-    assert all(alias in r.stdout for alias in ALIASES)
+def test_models_human_output(cli):
+    code, stdout, stderr = cli("models")
+    assert code == 0, stderr
+    assert all(alias in stdout for alias in ALIASES)
 
 
 @pytest.fixture(scope="module")
 def report():
-    """One full `diagnostics --check --model tiny --json` run, shared: each run imports diffusers (seconds)."""
-    r = sdstream_cli("diagnostics", "--check", "--model", "tiny", "--json", env={"HF_TOKEN": "hf_sekrit_do_not_print"})
-    assert r.returncode == 0, r.stderr
-    assert "sekrit" not in r.stdout and "sekrit" not in r.stderr
-    return json.loads(r.stdout)  # stdout is exactly one JSON object
+    """One full `diagnostics --check --model tiny --json` run (in this process), shared by the checks below."""
+    import contextlib
+    import io
+
+    from sdstream.cli import main
+
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    os.environ["HF_TOKEN"] = "hf_sekrit_do_not_print"
+    sys.argv = ["sdstream", "diagnostics", "--check", "--model", "tiny", "--json"]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as done:
+            main()
+    finally:
+        sys.argv = argv
+        del os.environ["HF_TOKEN"]
+    assert done.value.code == 0, err.getvalue()
+    assert "sekrit" not in out.getvalue() and "sekrit" not in err.getvalue()
+    return json.loads(out.getvalue())  # stdout is exactly one JSON object
 
 
 def test_diagnostics_facts(report):
@@ -175,12 +193,12 @@ def test_diagnostics_tables_render_the_report(report, capsys):
 
 def test_diagnostics_model_not_on_disk_offline(tmp_path):
     r = sdstream_cli("diagnostics", "--model", "sd15", "--json", env={"HF_HUB_CACHE": str(tmp_path)})
-    assert r.returncode == 1
+    assert r.returncode == 2  # known before anything loads
     assert r.stdout == ""
     assert "not on disk" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_diagnostics_bad_model_name():
-    r = sdstream_cli("diagnostics", "--model", "not a model")
-    assert r.returncode == 2
-    assert "is not an alias" in r.stderr and r.stdout == ""
+def test_diagnostics_bad_model_name(cli):
+    code, stdout, stderr = cli("diagnostics", "--model", "not a model")
+    assert code == 2
+    assert "is not an alias" in stderr and stdout == ""

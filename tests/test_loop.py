@@ -11,15 +11,29 @@ import torch
 from PIL import Image
 
 import sdstream
-from sdstream import frames, masks
+from sdstream import masks
+from sdstream.core.hooks import NoiseInjection
+from sdstream.core.loop import Run
+from sdstream.core.schedulers import make_scheduler
 from sdstream.errors import SdstreamError
-from sdstream.loop import _inject, _x0, denoise
+from sdstream.record import files
 from sdstream.request import GenerationRequest
 
 
-def events(pipe, **kw):
-    req = GenerationRequest(model="tiny", device="cpu", steps=10, seed=9, prompt="a circle", **kw).validated()
-    return list(denoise(pipe, req))
+class Record(sdstream.Sink):
+    def __init__(self):
+        self.events = []
+
+    def step(self, step):
+        self.events.append(step.event)
+
+
+def events(pipe=None, **kw):
+    """Every StepEvent of a tiny run through the orchestrator (a sink that keeps them)."""
+    record = Record()
+    sdstream.generate(GenerationRequest(**{"model": "tiny", "device": "cpu", "steps": 10, "seed": 9,
+                                           "prompt": "a circle", **kw}), [record])
+    return record.events
 
 
 @pytest.mark.parametrize("h,w", [(16, 16), (8, 12), (64, 96), (5, 7)])
@@ -42,52 +56,44 @@ def test_pattern_geometry():
 
 def test_injection_adds_noise_only_inside_the_mask(tiny):
     req = GenerationRequest(model="tiny", mask="left-half", seed=1).validated()
-    latents = torch.zeros(1, 4, 16, 16)
-    mask = masks.mask_tensor("left-half", 16, 16)
-    scheduler = tiny.scheduler
+    scheduler = make_scheduler("ddim", tiny.scheduler.config)
     scheduler.set_timesteps(10)
-    out = _inject(latents, mask, req, 3, scheduler, scheduler.timesteps[2])
-    assert out[..., :8].abs().mean() > 0.5 and out[..., 8:].abs().max() == 0
+    run = Run(tiny, req, 32, 32, scheduler, torch.Generator().manual_seed(1), torch.device("cpu"), torch.float32,
+              latents=torch.zeros(1, 4, 16, 16))
+    hook = NoiseInjection((3,), 1.0, 1, pattern="left-half")
+    hook.on_start(run)
+    hook.before_step(run, 2, scheduler.timesteps[1])
+    assert run.latents.abs().max() == 0 and not run.injected  # not its step
+    hook.before_step(run, 3, scheduler.timesteps[2])
+    out = run.latents
+    assert run.injected and out[..., :8].abs().mean() > 0.5 and out[..., 8:].abs().max() == 0
 
 
-def test_injection_changes_the_run_from_its_step_on(tiny):
-    plain = events(tiny)
-    masked = events(tiny, mask="circle", inject_at_step=(4, 7))
+def test_injection_changes_the_run_from_its_step_on():
+    plain = events()
+    masked = events(mask="circle", inject_at_step=(4, 7))
     for a, b in zip(plain[:3], masked[:3]):
         assert torch.equal(a.latents, b.latents)
     assert not torch.equal(plain[3].latents, masked[3].latents)
     assert [e.step for e in masked if e.injected] == [4, 7]
 
 
-def test_bare_mask_injects_at_the_documented_default_step(tiny):
-    assert [e.step for e in events(tiny, mask="edges") if e.injected] == [4]  # 30% into 10 steps, after step 1
+def test_bare_mask_injects_at_the_documented_default_step():
+    assert [e.step for e in events(mask="edges") if e.injected] == [4]  # 30% into 10 steps, after step 1
 
 
-def test_grey_image_mask_is_soft(tiny, tmp_path):
+def test_grey_image_mask_is_soft(tmp_path):
     ramp = np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (32, 1))
     Image.fromarray(ramp).save(tmp_path / "ramp.png")
     soft = masks.mask_from_image(Image.open(tmp_path / "ramp.png"), 16, 16)
     assert soft[0, 0, 0, 0] < 0.05 and soft[0, 0, 0, -1] > 0.95
-    assert [e.step for e in events(tiny, mask=str(tmp_path / "ramp.png"), inject_at_step=(2,)) if e.injected] == [2]
+    assert [e.step for e in events(mask=str(tmp_path / "ramp.png"), inject_at_step=(2,)) if e.injected] == [2]
 
 
-def test_x0_estimate_is_available_for_every_scheduler(tiny):
+def test_x0_estimate_is_available_for_every_scheduler():
     for name in ("ddim", "dpm++-2m", "unipc", "pndm", "lms", "euler"):
-        evs = list(denoise(tiny, GenerationRequest(model="tiny", steps=4, seed=1, scheduler=name).validated()))
+        evs = events(steps=4, seed=1, scheduler=name)
         assert all(torch.isfinite(e.denoised).all() and e.denoised.shape == e.latents.shape for e in evs), name
-
-
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-def test_x0_formula_matches_ddims_own_estimate(tiny, prediction):
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(tiny.scheduler.config, prediction_type=prediction)
-    scheduler.set_timesteps(10)
-    latents, model_output = torch.randn(2, 1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    t = scheduler.timesteps[3]
-    expected = scheduler.step(model_output, t, latents).pred_original_sample
-    alpha = float(scheduler.alphas_cumprod[int(t)])
-    assert torch.allclose(_x0(latents, model_output, alpha, prediction), expected, atol=1e-5)
 
 
 def test_cancel_keeps_frames_and_marks_interrupted(tiny, tmp_path):
@@ -101,14 +107,14 @@ def test_cancel_keeps_frames_and_marks_interrupted(tiny, tmp_path):
 
 
 def test_disk_full_while_writing_frames_fails_the_run_clearly(tiny, tmp_path, monkeypatch):
-    real = frames.save_image
+    real = files.save_image
 
     def full(image, path, fmt="png", pnginfo=None, fast=False):
         if path.name == "step-0003.png":
             raise OSError(errno.ENOSPC, "No space left on device")
         real(image, path, fmt, pnginfo, fast)
 
-    monkeypatch.setattr(frames, "save_image", full)
+    monkeypatch.setattr(files, "save_image", full)
     with pytest.raises(SdstreamError, match="No space left"):
         sdstream.run(GenerationRequest(model="tiny", steps=8, seed=1, device="cpu"), tmp_path / "r")
     manifest = json.loads((tmp_path / "r" / "run.json").read_text())
@@ -116,10 +122,10 @@ def test_disk_full_while_writing_frames_fails_the_run_clearly(tiny, tmp_path, mo
     assert not (tmp_path / "r" / "final.png").exists()
     written = sorted(p.name for p in (tmp_path / "r" / "frames").iterdir())
     assert written[:2] == ["step-0001.png", "step-0002.png"] and "step-0003.png" not in written
+    assert [f["file"] for f in manifest["frames"]] == [f"frames/{name}" for name in written]  # only what is on disk
 
 
 @pytest.mark.parametrize("scheduler", ["euler-a", "lms", "ddim"])
 def test_half_precision_runs_keep_the_model_dtype(scheduler):
-    pipe = sdstream.load("tiny", device="cpu", dtype="bf16")
-    evs = list(denoise(pipe, GenerationRequest(model="tiny", steps=3, seed=1, scheduler=scheduler).validated()))
+    evs = events(steps=3, seed=1, scheduler=scheduler, dtype="bf16")
     assert all(e.latents.dtype == e.denoised.dtype == torch.bfloat16 for e in evs)

@@ -87,7 +87,8 @@ def theirs(tiny, folder, scheduler: str, *, init=None, strength=None, guidance=6
               generator=torch.Generator("cpu").manual_seed(seed))
     if init is None:
         return StableDiffusionPipeline(**components)(PROMPT, height=SIZE, width=SIZE, **kw).images[0]
-    return StableDiffusionImg2ImgPipeline(**components)(PROMPT, image=Image.open(init), strength=strength, **kw).images[0]
+    img2img = StableDiffusionImg2ImgPipeline(**components)
+    return img2img(PROMPT, image=Image.open(init), strength=strength, **kw).images[0]
 
 
 def ours(folder, scheduler: str, **kw):
@@ -178,7 +179,9 @@ def x0_by_definition(scheduler, index: int, t: int, sample, output):
         if isinstance(scheduler, (DPMSolverMultistepScheduler, UniPCMultistepScheduler)):  # on x_t itself
             alpha_t = 1 / (sigma**2 + 1) ** 0.5
             sigma_t = sigma * alpha_t
-            return alpha_t * sample - sigma_t * output if kind == "v_prediction" else (sample - sigma_t * output) / alpha_t
+            if kind == "v_prediction":
+                return alpha_t * sample - sigma_t * output
+            return (sample - sigma_t * output) / alpha_t
         if kind == "v_prediction":  # Euler-type: on x_t / alpha_t
             return output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
         return sample - sigma * output

@@ -10,18 +10,28 @@ import torch
 from PIL import Image
 
 import sdstream
-from sdstream.frames import FrameWriter
-from sdstream.loop import denoise
-from sdstream.preview import SD1_LATENT_RGB, Previewer, vae_decode
+from sdstream.core.preview import SD1_LATENT_RGB, Previewer, vae_decode
+from sdstream.record.files import FrameWriter
 from sdstream.request import GenerationRequest
 
-from conftest import sdstream_cli
+
+class Record(sdstream.Sink):
+    def __init__(self):
+        self.events = []
+
+    def step(self, step):
+        self.events.append(step.event)
+
+
+def events(**kw):
+    record = Record()
+    sdstream.generate(GenerationRequest(model="tiny", **kw), [record])
+    return record.events
 
 
 @pytest.fixture(scope="module")
-def last_event(tiny):
-    req = GenerationRequest(model="tiny", steps=6, seed=4, prompt="a square").validated()
-    return list(denoise(tiny, req))[-1]
+def last_event():
+    return events(steps=6, seed=4, prompt="a square")[-1]
 
 
 def approx(latents, weights, bias):
@@ -49,7 +59,7 @@ def test_vae_preview_of_the_last_latent_is_the_final_image(tiny, last_event):
 
 
 def test_frame_source_x0_differs_from_latent_early_on(tiny):
-    first = next(iter(denoise(tiny, GenerationRequest(model="tiny", steps=6, seed=4).validated())))
+    first = events(steps=6, seed=4)[0]
     assert not torch.equal(Previewer(tiny, "approx", "x0")(first), Previewer(tiny, "approx", "latent")(first))
 
 
@@ -67,11 +77,10 @@ def test_manifest_records_preview_choice(tiny, tmp_path):
     assert (request["preview"], request["frame_source"]) == ("vae", "latent")
 
 
-def test_taesd_not_on_disk_offline_is_a_clear_error(tmp_path):
-    proc = sdstream_cli("generate", "-m", "tiny", "--steps", "2", "--preview", "taesd", "-o", str(tmp_path / "r"),
-                        env={"HF_HOME": str(tmp_path / "hf")})
-    assert proc.returncode == 1 and "madebyollin/taesd" in proc.stderr and "--preview approx" in proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
+def test_taesd_not_on_disk_offline_is_a_clear_error_before_anything_loads(cli, tmp_path):
+    code, _, stderr = cli("generate", "-m", "tiny", "--steps", "2", "--preview", "taesd", "-o", str(tmp_path / "r"))
+    assert code == 2 and "madebyollin/taesd" in stderr and "--preview approx" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
 
 
 def test_taesd_from_a_local_folder_decodes_x0_into_every_frame(tiny, last_event, tmp_path):

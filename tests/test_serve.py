@@ -151,7 +151,7 @@ def test_stream_four_steps(server):
         ({"start_image": "data:image/png,abc", "start_step": 2}, "start_image: a data URL must be base64"),
         ({"init_image": base64.b64encode(b"hello").decode()}, "init_image (uploaded) is not an image"),
         ({"guidance_scale": 500}, "guidance_scale 500"),
-        ({"inject_at_step": 3}, "inject_at_step needs noise_mask_type"),
+        ({"inject_at_step": 3}, "inject_at_step applies only with noise_mask_type"),
         ({"steps": "4"}, "steps: Input should be a valid integer"),
         ({"colour": "red"}, "colour: Extra inputs are not permitted"),
         ({"model": "someone/else"}, "model 'someone/else' is not served here"),

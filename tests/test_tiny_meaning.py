@@ -11,23 +11,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdstream.loop import denoise
 from sdstream.masks import mask_array
-from sdstream.preview import vae_decode
-from sdstream.request import GenerationRequest
 
-from conftest import sdstream_cli
+from conftest import draw as _draw
 
 TINY = dict(model="tiny", device="cpu", steps=25, guidance=5.0)  # the model card's evaluation settings
 
 
 def draw(pipe, **kw):
-    """One picture through sdstream's loop and decoder (what `generate` writes as final.png)."""
-    req = GenerationRequest(**{**TINY, **kw}).validated()
-    latents = None
-    for event in denoise(pipe, req):
-        latents = event.latents
-    return vae_decode(pipe, latents)
+    """One picture through the orchestrator (what `generate` writes as final.png)."""
+    return _draw(**{**TINY, **kw})
 
 
 # (shape colour, shape, background, seed); the first two are combinations held out of training
@@ -72,12 +65,12 @@ def test_image_prompt_draws_the_colours_of_the_picture_it_is_given(tiny, shapes,
     assert (got["colour"], got["background"]) == (colour, background), got
 
 
-def test_a_word_tiny_does_not_know_is_refused_with_its_vocabulary(tmp_path):
+def test_a_word_tiny_does_not_know_is_refused_with_its_vocabulary(cli, tmp_path):
     out = tmp_path / "run"
-    proc = sdstream_cli("generate", "-m", "tiny", "-p", "a Fox in the snow, on a blue background", "-o", str(out))
-    assert proc.returncode == 2 and not out.exists()
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
-    assert "--prompt: the model 'tiny' does not know 'fox', 'in', 'the', 'snow'" in proc.stderr
-    assert "a on background red green blue yellow white black circle square triangle" in proc.stderr
-    proc = sdstream_cli("generate", "-m", "tiny", "--negative-prompt", "blurry", "-o", str(out))
-    assert proc.returncode == 2 and "--negative-prompt: the model 'tiny' does not know 'blurry'" in proc.stderr
+    code, _, stderr = cli("generate", "-m", "tiny", "-p", "a Fox in the snow, on a blue background", "-o", str(out))
+    assert code == 2 and not out.exists()
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    assert "--prompt: the model 'tiny' does not know 'fox', 'in', 'the', 'snow'" in stderr
+    assert "a on background red green blue yellow white black circle square triangle" in stderr
+    code, _, stderr = cli("generate", "-m", "tiny", "--negative-prompt", "blurry", "-o", str(out))
+    assert code == 2 and "--negative-prompt: the model 'tiny' does not know 'blurry'" in stderr

@@ -42,7 +42,7 @@ import shapes
 import torch
 from bpe import tokenizer_files
 
-from sdstream.tiny import NOTES_FILE, model_notes
+from sdstream.models.notes import NOTES_FILE, model_notes
 
 MAX_LENGTH = 16  # token positions
 WIDTH = 64  # text encoder width = UNet cross-attention width

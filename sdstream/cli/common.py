@@ -170,6 +170,8 @@ class Progress(Sink):
         self.progress.update(self.task, note=note)
 
     def finish(self, info, outcome) -> None:
+        if self.task is None:  # the run ended before it began loading: nothing was shown
+            return
         self.progress.stop()
         if outcome.status != "complete" or info is None:
             return

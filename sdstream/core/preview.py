@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-DEFAULT_TAESD = "madebyollin/taesd"
+from ..models.registry import DEFAULT_TAESD
 
 # Linear map from SD 1.x latent channels (as the UNet sees them) to RGB in [-1, 1]: the factors
 # A1111's "Approx cheap" and ComfyUI's SD15 latent preview use. About free: one 4x3 matmul per pixel

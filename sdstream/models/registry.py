@@ -16,6 +16,7 @@ from ..errors import BadInput
 from .notes import check_vocabulary, model_notes
 
 DEFAULT_MODEL = "compressibility"  # as the original service
+DEFAULT_TAESD = "madebyollin/taesd"  # --preview taesd without --taesd
 
 # alias -> (hub repo id, family, what it is)
 ALIASES: dict[str, tuple[str, str, str]] = {
@@ -102,10 +103,17 @@ def local_folder(source: ModelSource) -> Path:
 
 def hub_snapshot(repo: str) -> Path | None:
     """The cached snapshot folder of hub repo REPO that holds a pipeline, or None when it isn't downloaded."""
+    found = _hub_file(repo, "model_index.json")
+    return found.parent if found else None
+
+
+def _hub_file(repo: str, name: str) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo, "model_index.json")
-    return Path(found).parent if isinstance(found, str) else None
+    if not _REPO_ID.match(repo):
+        return None
+    found = try_to_load_from_cache(repo, name)
+    return Path(found) if isinstance(found, str) else None
 
 
 def offline() -> bool:
@@ -128,6 +136,11 @@ def check_available(req) -> ModelSource:
     if folder is None and offline():
         raise BadInput(f"{label(source)} is not on disk and HF_HUB_OFFLINE is set: use --model tiny, a local "
                        "folder, or download it once with network access")
+    if req.preview == "taesd":
+        taesd = req.taesd or DEFAULT_TAESD
+        if not Path(taesd).expanduser().is_dir() and offline() and _hub_file(taesd, "config.json") is None:
+            raise BadInput(f"--taesd {taesd!r} is not on disk and HF_HUB_OFFLINE is set: pass a local folder, "
+                           "download it once with network access, or use --preview approx or vae")
     if folder is not None:
         check_vocabulary(req, model_notes(folder).get("vocabulary"))
         factor = vae_factor(folder)

@@ -145,11 +145,13 @@ def create_app(
     @app.post(
         "/generate",
         summary="Generate, streaming every step as server-sent events",
-        response_class=EventSourceResponse,
+        # not response_class=EventSourceResponse: that makes FastAPI expect a generator, and this route first
+        # waits for the run to start so that a request refused then is a plain 422/500 answer
         responses={
             200: {"description": "`data: {step, total_steps, image, progress, timestep, injected, done: false, "
                                  "model}` per step, then `data: {..., done: true, image, png, seed, width, height, "
-                                 "seconds}`, then `data: [DONE]`. A failure mid-run is `data: {error}` before [DONE]."},
+                                 "seconds}`, then `data: [DONE]`. A failure mid-run is `data: {error}` before [DONE].",
+                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
             422: {"description": "A bad value: `{detail: one-line message}`"},
             500: {"description": "The run could not start (e.g. the model is not on disk): `{detail, hint}`"},
             503: {"description": "The waiting line is full; retry later"},
