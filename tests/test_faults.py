@@ -181,6 +181,15 @@ def test_hub_errors_become_one_line_messages_with_a_next_step():
     assert isinstance(missing, BadInput) and "does not exist" in str(missing)
     offline = hub_error("model 'x'", True, OSError("We couldn't connect to the Hub"), "use tiny")
     assert "not on disk" in str(offline) and offline.hint == "use tiny"
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:  # the way diffusers wraps the Hub's own error: found by its type, in the chain of causes
+        try:
+            raise LocalEntryNotFoundError("not in the cache")
+        except LocalEntryNotFoundError as inner:
+            raise OSError("Error no file named model_index.json found") from inner
+    except OSError as wrapped:
+        assert "not on disk" in str(hub_error("model 'x'", True, wrapped, "use tiny"))
     assert hub_error("model 'x'", False, ValueError("bad config"), "hint") is None
 
 

@@ -47,7 +47,7 @@ def parameter(opt: Option) -> inspect.Parameter:
     """OPT as a Typer option: a flag, or text (parsed by the declaration), repeatable for step lists."""
     names = [opt.flag, *([opt.short] if opt.short else [])]
     default = opt.default_text()
-    help = opt.help + (_needs_help(opt) if opt.needs else "") + (f" [default: {default}]" if default else "")
+    help = opt.help + (needs_help(opt) if opt.needs else "") + (f" [default: {default}]" if default else "")
     settings = dict(help=help, rich_help_panel=opt.panel, show_default=False)
     if opt.kind == "flag":
         annotation, value = Annotated[bool, typer.Option(*names, metavar="", **settings)], False
@@ -58,7 +58,8 @@ def parameter(opt: Option) -> inspect.Parameter:
     return inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=value, annotation=annotation)
 
 
-def _needs_help(opt: Option) -> str:
+def needs_help(opt: Option) -> str:
+    """' Only with --mask.' (or ' Not with --preview none.'): what OPT needs, in its help and the README."""
     other, wanted, negated = opt.need()
     flag = "--" + other.replace("_", "-")
     if wanted is None:

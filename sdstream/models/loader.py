@@ -138,17 +138,32 @@ def _load_error(source: ModelSource, e: Exception) -> SdstreamError:
 
 
 def hub_error(name: str, from_hub: bool, e: Exception, hint: str) -> SdstreamError | None:
-    """A one-line message with a next step for the Hub's failures (gated, missing, unreachable), else None."""
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    """A one-line message with a next step for the Hub's failures (gated, missing, unreachable), else None.
 
-    if isinstance(e, GatedRepoError):
+    Told by huggingface_hub's own error types anywhere in the chain of causes (diffusers and transformers wrap
+    them); a bare OSError of diffusers' saying it "couldn't connect" is the one message read as text.
+    """
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    chain, seen = [], e
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if any(isinstance(x, GatedRepoError) for x in chain):
         return SdstreamError(f"{name} is gated: accept its licence on the Hub, then set HF_TOKEN")
-    if isinstance(e, RepositoryNotFoundError):
+    if any(isinstance(x, RepositoryNotFoundError) for x in chain):
         return BadInput(f"{name} does not exist on the Hugging Face Hub (or is private: set HF_TOKEN)")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    unreachable = ("connect", "offline", "not fully cached", "cached snapshot", "local_files_only", "timed out")
-    if from_hub and (offline or any(w in str(e).lower() for w in unreachable)):
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
+    unreachable = any(isinstance(x, (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError))
+                      or "couldn't connect" in str(x) for x in chain)
+    if from_hub and unreachable:
+        from .registry import offline
+
+        why = "HF_HUB_OFFLINE is set" if offline() else "the Hugging Face Hub cannot be reached"
         return SdstreamError(f"{name} is not on disk and {why}", hint=hint)
     return None
 
