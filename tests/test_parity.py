@@ -131,6 +131,26 @@ def test_every_scheduler_and_start_matches_diffusers(tiny, variants, init_pictur
     assert not misses, misses
 
 
+def test_repeated_first_timesteps_start_at_the_first_step(tiny, variants, init_picture):
+    """Karras sigmas on a zero-terminal-SNR schedule begin 999, 999, ... at 25 steps. A scheduler left to find its
+    place by the timestep's value takes the second 999 and runs off its sigma table: diffusers' txt2img does
+    (IndexError); its img2img sets the begin index, and so does every run of ours."""
+    folder, (cls, options) = variants["zero-snr"], DIFFUSERS["dpm++-2m-karras"]
+    scheduler = cls.from_config(DDIMScheduler.load_config(folder / "scheduler"), **options)
+    scheduler.set_timesteps(25)
+    assert scheduler.timesteps[0] == scheduler.timesteps[1] == 999
+    components, kw = {**tiny.components, "scheduler": scheduler}, dict(num_inference_steps=25, guidance_scale=1.0)
+    with pytest.raises(IndexError):
+        StableDiffusionPipeline(**components)(PROMPT, height=SIZE, width=SIZE, **kw)
+    reference = StableDiffusionImg2ImgPipeline(**components)(
+        PROMPT, image=Image.open(init_picture), strength=1.0, generator=torch.Generator("cpu").manual_seed(2), **kw)
+    run = dict(model=str(folder), prompt=PROMPT, steps=25, guidance=1.0, seed=2, scheduler="dpm++-2m-karras")
+    mine = sdstream.generate(GenerationRequest(**run, init_image=str(init_picture), strength=1.0))
+    assert differ(mine, reference.images[0]) <= 1
+    txt2img = sdstream.generate(GenerationRequest(**run, width=SIZE, height=SIZE))
+    assert np.asarray(txt2img).std() > 0
+
+
 def test_eta_matches_diffusers_eta(tiny, variants, init_picture):
     folder = variants["epsilon"]
     components = {**tiny.components, "scheduler": DDIMScheduler.from_config(tiny.scheduler.config)}

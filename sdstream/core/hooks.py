@@ -18,28 +18,25 @@ from .loop import Hook, Run
 
 
 class StartFromPicture(Hook):
-    """Start at schedule step FIRST from PICTURE, encoded by the VAE and noised to that step's timestep.
+    """Start from PICTURE, encoded by the VAE and noised to the first step's timestep (img2img: the request's
+    first step is diffusers' t_start * order + 1; --start-image: --start-step).
 
-    Exactly diffusers' img2img: the begin index is set (a scheduler that finds its place by timestep value
-    would take a repeated first timestep for the second), then the VAE's sample and the noise are drawn, in
-    that order, from the run's generator. The picture is centre-cropped to the run's aspect ratio, then
-    resized by diffusers' own preprocessing.
+    Exactly diffusers' img2img: the VAE's sample and the noise are drawn, in that order, from the run's
+    generator. The picture is centre-cropped to the run's aspect ratio, then resized by diffusers' own
+    preprocessing.
     """
 
-    def __init__(self, picture, first: int):
-        self.picture, self.first = picture, first
+    def __init__(self, picture):
+        self.picture = picture
 
     def on_start(self, run: Run) -> None:
-        pipe, scheduler = run.pipe, run.scheduler
-        run.first = self.first
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(self.first - 1)
+        pipe, scheduler, first = run.pipe, run.scheduler, run.first
         image = fit(self.picture, run.width, run.height)
         pixels = pipe.image_processor.preprocess(image, height=run.height, width=run.width)
         pixels = pixels.to(device=run.device, dtype=run.dtype)
         clean = retrieve_latents(pipe.vae.encode(pixels), generator=run.generator) * pipe.vae.config.scaling_factor
         noise = randn_tensor(clean.shape, generator=run.generator, device=run.device, dtype=run.dtype)
-        run.latents = scheduler.add_noise(clean, noise, run.timesteps[self.first - 1 : self.first])
+        run.latents = scheduler.add_noise(clean, noise, run.timesteps[first - 1 : first])
 
 
 class ImagePrompt(Hook):

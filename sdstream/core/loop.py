@@ -4,8 +4,8 @@ It takes a pipeline, a validated request and hooks; it opens no file, loads noth
 vocabulary. For a plain text prompt it computes exactly what diffusers' StableDiffusionPipeline computes
 (same helpers, same order of random draws), and with a starting picture exactly what
 StableDiffusionImg2ImgPipeline does. Interventions are hooks (core/hooks.py), called at three points:
-on_prompt (the embeddings are made), on_start (the schedule is set; a hook may choose the first step and
-the initial latents) and before_step (a hook may change the latents, e.g. inject noise).
+on_prompt (the embeddings are made), on_start (the schedule is set and the first step chosen; a hook may
+give the initial latents) and before_step (a hook may change the latents, e.g. inject noise).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class StepEvent:
 
 @dataclass
 class Run:
-    """What the loop works on. Hooks read it and may change cond, first, latents and injected."""
+    """What the loop works on. Hooks read it and may change cond, latents and injected."""
 
     pipe: object
     req: object  # the validated GenerationRequest
@@ -101,7 +101,13 @@ def denoise(pipe, req, width: int, height: int, hooks: Sequence[Hook] = ()) -> I
         # to the device, where a read is a sync)
         alphas = scheduler.alphas_cumprod.cpu()
 
-        # 3. Initial latents: a hook's (a picture noised to the first step), or pure noise.
+        # 3. Where the run starts, then the initial latents: a hook's (a picture noised to the first step), or pure
+        # noise. The begin index is always set (as diffusers' img2img does): a scheduler left to find its place by
+        # the timestep's value takes a repeated first timestep (Karras sigmas, zero terminal SNR: 999, 999, ...)
+        # for the second, and runs off its schedule.
+        run.first = req.first_step
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(run.first - 1)
         for hook in hooks:
             hook.on_start(run)
         if run.latents is None:

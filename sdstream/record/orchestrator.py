@@ -227,7 +227,7 @@ def hooks_for(pipe, req, inputs: Inputs) -> list:
     hooks = []
     picture = inputs.get("init_image") or inputs.get("start_image")
     if picture is not None:
-        hooks.append(StartFromPicture(picture, req.first_step))
+        hooks.append(StartFromPicture(picture))
     if req.prompt_image is not None:
         from ..models.clip import embedder_for
 
