@@ -97,10 +97,16 @@ def test_x0_estimate_is_available_for_every_scheduler():
 
 
 def test_cancel_keeps_frames_and_marks_interrupted(tiny, tmp_path):
-    calls = iter(range(100))
+    record, blocks = Record(), []
+
+    def cancelled():  # asked before each step and inside it, before each UNet block: stop in step 4's UNet
+        blocks.append(len(record.events))
+        return len(record.events) == 3 and blocks.count(3) > 5
+
     with pytest.raises(KeyboardInterrupt):
         sdstream.run(GenerationRequest(model="tiny", steps=8, seed=1, device="cpu"), tmp_path / "r",
-                     cancelled=lambda: next(calls) >= 3)
+                     cancelled=cancelled, sinks=[record])
+    assert len(record.events) == 3 and not tiny.unet.down_blocks[0]._forward_pre_hooks  # the hooks are gone again
     manifest = json.loads((tmp_path / "r" / "run.json").read_text())
     assert manifest["status"] == "interrupted" and len(manifest["frames"]) == 3
     assert len(list((tmp_path / "r" / "frames").iterdir())) == 3

@@ -44,10 +44,12 @@ def main() -> None:
 
     from typer.exceptions import TyperException
 
+    from .. import interrupts
+
     try:
         code = app(standalone_mode=False)
-    except typer.Abort:  # Ctrl-C outside a command's own handling (while parsing, while importing)
-        code = 130
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside a command's own handling (parsing, importing)
+        code = interrupts.exit_code()
     except TyperException as e:  # click's usage errors, as Typer raises them
         from .common import error
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import signal
 import sys
 import traceback
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ..errors import SdstreamError
 from ..options import Option
 from ..record.sinks import Sink
 
@@ -78,46 +78,40 @@ def given(options: dict[str, Option], params: dict) -> dict:
     return values
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C (frames and manifest kept) but exiting 143."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
-
-
 @contextmanager
 def handle_errors(debug: bool = False):
-    """Turn exceptions into `Error: …` on stderr and the documented exit codes."""
-    from ..errors import SdstreamError
+    """Turn exceptions into `Error: …` on stderr and the documented exit codes. Any error that follows an
+    interrupt (an import cut short, a library that swallowed it) is reported as the interrupt it is."""
+    from .. import interrupts
 
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         yield
-    except SdstreamError as e:
+    except KeyboardInterrupt:
+        stderr.print("Interrupted." if interrupts.exit_code() == 130 else "Terminated.")
+        raise typer.Exit(interrupts.exit_code()) from None
+    except Exception as e:
+        if interrupts.received() is not None:
+            stderr.print("Interrupted." if interrupts.exit_code() == 130 else "Terminated.")
+            raise typer.Exit(interrupts.exit_code()) from None
+        if isinstance(e, (typer.Exit, typer.Abort)):
+            raise
+        _report(e, debug)
+
+
+def _report(e: Exception, debug: bool) -> None:
+    if isinstance(e, SdstreamError):
         if debug:
             traceback.print_exc()
         error(str(e))
         if e.hint:
             stderr.print(f"Hint: {e.hint}", markup=False)
         raise typer.Exit(e.exit_code) from None
-    except Terminated:
-        stderr.print("Terminated.")
-        raise typer.Exit(143) from None
-    except KeyboardInterrupt:
-        stderr.print("Interrupted.")
-        raise typer.Exit(130) from None
-    except (typer.Exit, typer.Abort):
-        raise
-    except Exception as e:
-        if debug:
-            traceback.print_exc()
-        error(f"{type(e).__name__}: {e}")
-        if not debug:
-            stderr.print("Run again with --debug for the traceback.")
-        raise typer.Exit(1) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    if debug:
+        traceback.print_exc()
+    error(f"{type(e).__name__}: {e}")
+    if not debug:
+        stderr.print("Run again with --debug for the traceback.")
+    raise typer.Exit(1) from None
 
 
 def error(message: str) -> None:
@@ -128,9 +122,19 @@ def error(message: str) -> None:
 
 
 def print_json(value) -> None:
-    """One JSON value per line on stdout, flushed so a pipe sees each event as it happens."""
-    sys.stdout.write(json.dumps(value) + "\n")
-    sys.stdout.flush()
+    """One JSON value per line on stdout, flushed so a pipe sees each event as it happens.
+
+    A reader that went away (`--json | head -1`) or a closed stdout does not fail the run: the rest of the
+    JSON goes nowhere, and the run folder is made as asked."""
+    import os
+
+    if sys.stdout is None:  # started with stdout closed (>&-)
+        sys.stdout = open(os.devnull, "w")
+    try:
+        sys.stdout.write(json.dumps(value) + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):  # ValueError: the stream is closed
+        sys.stdout = open(os.devnull, "w")
 
 
 class Progress(Sink):

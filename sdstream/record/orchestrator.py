@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+from .. import interrupts
 from ..errors import BadInput, SdstreamError
 from ..inputs import Inputs, load_inputs
 from ..models.registry import ModelSource, check_available
@@ -65,9 +67,12 @@ class Prepared:
 
 
 def run(req, sinks: Sequence = (), *, inputs: Inputs | None = None,
-        cancelled: Callable[[], bool] = lambda: False) -> Result:
+        cancelled: Callable[[], bool] | None = None) -> Result:
     """Run REQ to SINKS (Sink objects, or functions of event dicts). Raises BadInput before anything is written
-    for a bad request, SdstreamError (with a hint) for a failed run, KeyboardInterrupt when interrupted."""
+    for a bad request, SdstreamError (with a hint) for a failed run, KeyboardInterrupt when interrupted.
+
+    CANCELLED is asked before each step and, inside a step, before each of the UNet's and the VAE decoder's
+    blocks: a long step (a big picture on a CPU) stops within a block, not after minutes."""
     req = req.validated()
     sinks = [as_sink(s) for s in sinks] + [NanCheck()]
     inputs = inputs if inputs is not None else load_inputs(req)
@@ -80,10 +85,12 @@ def run(req, sinks: Sequence = (), *, inputs: Inputs | None = None,
             sink.load(source)
         started = time.perf_counter()
         ready = prepare(req, source, inputs, previews=any(sink.pictures for sink in sinks))
+        interrupts.raise_if_pending()  # a Ctrl-C that an import or a load swallowed
         info = _info(req, source, ready, time.perf_counter() - started)
         for sink in sinks:
             sink.start(info)
-        image = _denoise(req, ready, info, sinks, cancelled)
+        with _cancellable(ready.pipe, cancelled):
+            image = _denoise(req, ready, info, sinks, cancelled or (lambda: False))
         outcome = Outcome("complete", image)
         info.timings["total"] = round(time.perf_counter() - started, 4)
         for sink in sinks:
@@ -104,6 +111,27 @@ def run(req, sinks: Sequence = (), *, inputs: Inputs | None = None,
         if failure is e:
             raise
         raise failure from e
+
+
+@contextmanager
+def _cancellable(pipe, cancelled):
+    """Forward pre-hooks on the UNet's and the VAE decoder's blocks that stop the run when CANCELLED says so."""
+    if cancelled is None or getattr(pipe.unet, "_compiled_call_impl", None) is not None:  # (compiled: no hooks)
+        yield
+        return
+
+    def check(module, args):
+        if cancelled():
+            raise Cancelled
+
+    unet, decoder = pipe.unet, pipe.vae.decoder
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks, *decoder.up_blocks]
+    handles = [block.register_forward_pre_hook(check) for block in blocks if block is not None]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _failure(e: BaseException) -> BaseException:
@@ -139,6 +167,7 @@ def _denoise(req, ready: Prepared, info: RunInfo, sinks: list[Sink], cancelled) 
     while True:
         if cancelled():  # asked before each step is computed
             raise Cancelled
+        interrupts.raise_if_pending()
         ev = next(events, None)
         if ev is None:
             break

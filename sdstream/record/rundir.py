@@ -14,6 +14,8 @@ most once a second, and at the end), and every way a run ends is recorded, with 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -27,14 +29,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
-from ..errors import BadInput
-from .files import FrameWriter, new_dir, save_image, slug, write_json
+from ..errors import BadInput, SdstreamError
+from .files import FrameWriter, atomic_write, new_dir, save_image, slug, write_json
 from .sinks import Outcome, RunInfo, Sink, Step, error_text
 
 MANIFEST = "run.json"
 FINAL = "final.png"
 FRAMES = "frames"
 FLUSH_SECONDS = 1.0  # run.json is rewritten during a run at most this often (frames so far, heartbeat)
+RESERVE = 4096  # trailing spaces in run.json: room for its last word when the disk is full
 
 
 # ------------------------------------------------------------------------------------------ ownership
@@ -85,6 +88,10 @@ def foreign_entries(path: Path, listed: set[str]) -> list[str]:
 def check_folder(path: Path, overwrite: bool, option: str = "--out", locked_by_us: bool = False) -> None:
     """BadInput unless PATH can become a run folder now: absent or empty, or (with OVERWRITE) an earlier run
     holding only its own files and not being written; and writable (tried, not guessed)."""
+    long = next((part for part in Path(path).parts if len(part.encode()) > 255), None)
+    if long is not None:
+        raise BadInput(f"{option} {str(path)!r}: the name {long[:40]!r}… is {len(long.encode())} bytes long; a folder "
+                       "name can have at most 255")
     if os.path.lexists(path) and not path.is_dir():
         raise BadInput(f"{option} {str(path)!r} is a file, not a folder")
     if path.is_dir() and any(path.iterdir()):
@@ -166,6 +173,21 @@ def register_files(run_dir: Path, names: list[str]) -> None:
         return
     files = set(manifest.get("files") or ()) | set(names)
     write_json(run_dir / MANIFEST, {**manifest, "files": sorted(files)})
+
+
+def _write_in_place(path: Path, text: bytes) -> bool:
+    """TEXT over the file PATH, padded with spaces to its size, without allocating: False if it doesn't fit."""
+    try:
+        size = path.stat().st_size
+        if len(text) > size:
+            return False
+        with open(path, "r+b") as f:
+            f.write(text + b" " * (size - len(text)))
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    except OSError:
+        return False
 
 
 def write_failed(path: Path, req, error: BaseException, seconds: float) -> None:
@@ -250,11 +272,19 @@ class RunFolder(Sink):
         earlier = _read_manifest(path)
         if earlier is not None and self.overwrite:
             clear(path, earlier)
-        self.manifest = _manifest(info)
-        if req.preview != "none":
-            (path / FRAMES).mkdir(exist_ok=True)
-            self.writer = FrameWriter(path / FRAMES, req.frame_format, written=self._frame_written)
-        self.flush()
+        manifest = _manifest(info)
+        try:
+            self.manifest = manifest
+            self.flush()  # run.json first: a folder with anything in it says whose it is
+            if req.preview != "none":
+                (path / FRAMES).mkdir(exist_ok=True)
+                self.writer = FrameWriter(path / FRAMES, req.frame_format, written=self._frame_written)
+        except OSError as e:  # a full or read-only disk before the first step: nothing half made stays behind
+            self.manifest, self.writer = {}, None
+            (path / MANIFEST).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (path / FRAMES).rmdir()
+            raise SdstreamError(f"cannot write the run folder {str(path)!r}: {e.strerror or e}") from None
 
     def _frame_written(self, step: int, file: Path) -> None:
         with self._written_lock:
@@ -271,15 +301,24 @@ class RunFolder(Sink):
             self.flush()
 
     def flush(self) -> None:
-        """Rewrite run.json with what is on disk now (and a heartbeat)."""
+        """Rewrite run.json with what is on disk now (and a heartbeat).
+
+        run.json is written with RESERVE bytes of trailing spaces (JSON allows them): when the disk is full the
+        atomic rewrite fails, and the manifest is written over the old one in place, into space it already has,
+        so that a run that failed for lack of space still says so."""
         m = self.manifest
         with self._written_lock:
             written = sorted(self._written)
         m["frames"] = [{"step": s, "timestep": self._timesteps.get(s), "file": f} for s, f in written]
-        made = [FRAMES + "/"] if self.writer is not None else []
+        made = [FRAMES + "/"] if (self.path / FRAMES).is_dir() else []
         m["files"] = sorted({MANIFEST, *made, *(f for _, f in written), *([m["image"]] if m["image"] else [])})
         m["updated"] = _now()
-        write_json(self.path / MANIFEST, m)
+        text = (json.dumps(m, indent=2) + "\n").encode()
+        try:
+            atomic_write(self.path / MANIFEST, lambda f: f.write(text + b" " * RESERVE))
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not _write_in_place(self.path / MANIFEST, text):
+                raise
         self._flushed = time.monotonic()
 
     def finish(self, info: RunInfo | None, outcome: Outcome) -> None:

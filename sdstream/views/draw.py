@@ -15,6 +15,8 @@ from ..record.rundir import Frame, RunRecord
 ANIMATION_FORMATS = ("gif", "webp")
 HOLD_SECONDS = 1.0  # the last frame of an animation stays this much longer on screen
 MAX_FPS = 50  # GIF delays are in 1/100 s and most viewers slow anything under 2/100 s
+MIN_FPS = 0.1  # a frame at most 10 s on screen
+MAX_HOLD = 60.0  # GIF delays are 16-bit hundredths of a second: at most 655 s, and the last frame's holds it
 DEFAULT_CELL = 256  # longer side of each picture in a sheet or comparison
 SHEET_COUNT = 16  # steps on a contact sheet by default (evenly spaced, the last included)
 COMPARE_COUNT = 8  # rows on a comparison sheet by default
@@ -192,10 +194,10 @@ def _check_size(size: int | None, flag: str = "--size") -> None:
 def _check_animation(fmt: str, fps: float, hold: float) -> None:
     if fmt not in ANIMATION_FORMATS:
         raise BadInput(f"--format {fmt!r}: choose {' or '.join(ANIMATION_FORMATS)}")
-    if not 0 < fps <= MAX_FPS:
-        raise BadInput(f"--fps {fps:g}: must be above 0 and at most {MAX_FPS}")
-    if hold < 0:
-        raise BadInput(f"--hold {hold:g}: must be 0 or more seconds")
+    if not MIN_FPS <= fps <= MAX_FPS:
+        raise BadInput(f"--fps {fps:g} is not allowed: give a number from {MIN_FPS:g} to {MAX_FPS}")
+    if not 0 <= hold <= MAX_HOLD:
+        raise BadInput(f"--hold {hold:g} is not allowed: give a number of seconds from 0 to {MAX_HOLD:g}")
 
 
 def _resolve_format(fmt: str | None, out: Path | None) -> str:

@@ -1,0 +1,16 @@
+"""The `sdstream` console script. Its first instruction takes over Ctrl-C and SIGTERM, before typer, rich or
+torch are imported, so that an interrupt at any moment ends with exit 130 (143), never a traceback."""
+
+
+def main() -> None:
+    from . import interrupts
+
+    interrupts.install()
+    try:
+        from .cli import main as cli
+    except KeyboardInterrupt:
+        import sys
+
+        print("Interrupted." if interrupts.exit_code() == 130 else "Terminated.", file=sys.stderr)
+        raise SystemExit(interrupts.exit_code()) from None
+    cli()
