@@ -55,6 +55,7 @@ def open_image(source: str | Path | bytes, option: str, mode: str = "RGB"):
             raise BadInput(f"{option} {shown}: no such file")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on odd metadata (corrupt EXIF, TIFF tags)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(opened, formats=FORMATS) as img:
                 img.load()

@@ -33,6 +33,7 @@ class Option:
     or_picture: bool = False  # a choice that may also be a picture file (--mask)
     needs: str | None = None  # "mask" (given), "scheduler=ddim", "preview!=none": refused without it
     short: str | None = None  # "-p"
+    long: str | None = None  # the flag, where it is not the name with dashes (--from for from_run)
     metavar: str | None = None
     api: str | None = None  # the HTTP body's name for it, where the original service named it otherwise
     served: bool = True  # a field of POST /generate (device and speed options belong to the server)
@@ -42,7 +43,7 @@ class Option:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return self.long or "--" + self.name.replace("_", "-")
 
     @property
     def api_name(self) -> str:

@@ -22,7 +22,7 @@ from .options import Option, option, options_of
 MAX_SEED = 2**64 - 1
 MAX_STEPS = 500  # DDIM's schedule runs past SD's 1000 training timesteps at 1000 steps
 DEFAULT_INJECT_FRACTION = 0.3  # --mask alone injects 30% into the run: late enough to keep composition
-PREVIEWS = ("approx", "vae", "taesd", "none")  # how frames are decoded (see core/preview.py)
+PREVIEWS = ("auto", "approx", "vae", "taesd", "none")  # how frames are decoded (see core/preview.py)
 FRAME_SOURCES = ("x0", "latent")
 FRAME_FORMATS = ("png", "jpg", "webp")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -88,8 +88,10 @@ class GenerationRequest:
     noise_strength: float | None = option(
         1.0, "Injected noise, 0-2, in units of the latent's own noise level at that step.", MASK, range=(0, 2),
         needs="mask", metavar="S", a1111="Noise strength")
-    preview: str = option("approx", "How frames are decoded: approx (about free), vae (full quality), taesd, none.",
-                          FRAMES, kind="choice", choices=lambda: PREVIEWS, metavar="P")
+    preview: str = option(
+        "auto", "How frames are decoded: approx (a linear map, about free), vae (the model's own decoder), taesd, "
+        "none; auto: what the model folder declares, else TAESD when it is on disk, else approx.", FRAMES,
+        kind="choice", choices=lambda: PREVIEWS, metavar="P")
     frame_source: str | None = option(
         "x0", "x0 (the model's estimate of the clean image) or latent (the noisy state).", FRAMES, kind="choice",
         choices=lambda: FRAME_SOURCES, needs="preview!=none", metavar="SRC")
@@ -98,6 +100,10 @@ class GenerationRequest:
                                shown_default="madebyollin/taesd")
     frames_every: int | None = option(1, "Write every Nth step's frame (the last always).", FRAMES,
                                       range=(1, 10_000), needs="preview!=none", metavar="N")
+    frame_size: int | None = option(
+        None, "Longer side of the frames on disk, in pixels (approx frames are decoded at latent size).", FRAMES,
+        kind="int", range=(8, 4096), needs="preview!=none", metavar="N", served=False,
+        shown_default="the image's, at most 512")
     frame_format: str | None = option("png", "png, jpg or webp.", FRAMES, kind="choice", choices=lambda: FRAME_FORMATS,
                                       needs="preview!=none", metavar="FMT", served=False)
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.", DEVICE,

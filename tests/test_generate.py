@@ -114,7 +114,7 @@ def test_ctrl_c_keeps_frames_and_marks_manifest_interrupted(tmp_path):
     assert manifest["status"] == "interrupted"
     written = sorted((out / "frames").iterdir())
     assert len(written) >= 3 and len(written) == len(manifest["frames"])
-    assert all(Image.open(p).size == (32, 32) for p in written)  # approx frames: latent resolution
+    assert all(Image.open(p).size == (64, 64) for p in written)  # frames at the image's size
     assert not (out / "final.png").exists() and not list(out.rglob("*.tmp"))
 
 

@@ -74,7 +74,7 @@ def test_the_png_parameters_text_names_every_option_that_has_an_a1111_key():
 @pytest.mark.parametrize("name", [n for n, o in OPTIONS.items() if o.needs])
 def test_an_option_that_needs_another_is_refused_without_it_and_filled_in_with_it(name):
     opt = OPTIONS[name]
-    value = {"flag": True, "steps": (2,), "int": 2, "float": 0.5, "picture": "x.png"}.get(opt.kind, "tiny")
+    value = {"flag": True, "steps": (2,), "int": 8, "float": 0.5, "picture": "x.png"}.get(opt.kind, "tiny")
     if opt.kind == "choice":
         value = opt.names()[-1]
     with pytest.raises(BadInput, match=f"^{opt.flag} applies only with"):

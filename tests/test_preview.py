@@ -100,3 +100,23 @@ def test_taesd_from_a_local_folder_decodes_x0_into_every_frame(tiny, last_event,
     sdstream.run(GenerationRequest(model="tiny", steps=3, seed=1, preview="taesd", taesd=str(folder)), tmp_path / "r")
     frames = sorted((tmp_path / "r" / "frames").iterdir())
     assert [Image.open(f).size for f in frames] == [(32, 32)] * 3
+
+
+def test_defaults_on_tiny_give_frames_that_look_like_the_final_image(tmp_path):
+    """tiny's folder declares preview vae (its linear colours are rough): with every default, the last frame is
+    the picture, within 10 levels on average, and at the picture's size."""
+    result = sdstream.run(GenerationRequest(model="tiny", prompt="a yellow circle on a blue background", seed=3,
+                                            steps=12, guidance=5.0), tmp_path / "r")
+    manifest = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert manifest["preview"] == "vae" and manifest["request"]["preview"] == "auto"
+    last = np.asarray(Image.open(tmp_path / "r" / manifest["frames"][-1]["file"]).convert("RGB"), dtype=float)
+    final = np.asarray(Image.open(result.image_path), dtype=float)
+    assert last.shape == final.shape == (32, 32, 3) and np.abs(last - final).mean() < 10
+
+
+def test_approx_frames_are_written_at_the_images_size_or_frame_size(tmp_path):
+    sdstream.run(GenerationRequest(model="tiny", steps=2, seed=1, preview="approx"), tmp_path / "a")
+    sdstream.run(GenerationRequest(model="tiny", steps=2, seed=1, preview="approx", frame_size=80, width=32,
+                                   height=16), tmp_path / "b")
+    assert {Image.open(p).size for p in (tmp_path / "a" / "frames").iterdir()} == {(32, 32)}  # not 16x16 stamps
+    assert {Image.open(p).size for p in (tmp_path / "b" / "frames").iterdir()} == {(80, 40)}  # the image's aspect

@@ -466,7 +466,8 @@ def train_image_encoder(a) -> None:
     pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
     size = save_pipeline(pipe, out, fp16=False)
     _standard_processor_name(out / "model_index.json")
-    write_notes(out, latent_rgb=fit_latent_rgb(pipe.vae, scaling, data))
+    # its linear colours are rough and a VAE decode of 32x32 costs next to nothing: frames default to the VAE
+    write_notes(out, latent_rgb=fit_latent_rgb(pipe.vae, scaling, data), preview="vae")
     record = out / "training.json"
     info = json.loads(record.read_text()) if record.is_file() else {}
     info["image_encoder"] = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),

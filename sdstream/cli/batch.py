@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from ..record.sinks import Sink
-from .common import Progress, given, handle_errors, print_json, stderr
+from .common import Progress, handle_errors, print_json, stderr
 
 HELP = (
     "Run every line of FILE, each into its own run folder under --out; models load once.\n\n"
@@ -53,7 +53,7 @@ def batch(
     file, params = _parse_generate_options(ctx)
     from ..batch import BadLines, run_batch
     from ..batch.distribute import is_main_process
-    from ..request import OPTIONS
+    from .generate import values_from
 
     main = is_main_process()
     with handle_errors(debug or params.get("debug", False)):
@@ -61,7 +61,7 @@ def batch(
             from ..errors import BadInput
 
             raise BadInput("--overwrite: batch reruns what is not complete by itself; --force redoes complete runs too")
-        defaults = given(OPTIONS, params)
+        defaults = values_from(params)
         animations = [fmt for fmt in ("gif", "webp") if params.get(fmt)]
         display = _Display(json=json, quiet=quiet, main=main)
         try:
@@ -126,11 +126,12 @@ class _Display(Sink):
         self.prefix = "" if main else f"[process {os.environ.get('RANK', '?')}] "
         self.progress: Progress | None = None
         self.bars = main and not quiet and stderr.is_terminal and not _several_processes()
+        self.place = ""  # "run 2 of 16 · "
 
     # each run's own events (a sink of the run)
     def load(self, model) -> None:
         if self.bars:
-            self.progress = Progress()
+            self.progress = Progress(prefix=self.place)
             self.progress.load(model)
 
     def start(self, info) -> None:
@@ -147,7 +148,9 @@ class _Display(Sink):
     # the batch's events
     def event(self, event: dict) -> None:
         kind = event["event"]
-        if kind == "run":
+        if kind == "begin":
+            self.place = f"run {event['index']} of {event['of']} · "
+        elif kind == "run":
             self.close()
             if self.json and self.main:
                 print_json({k: event[k] for k in ("event", "line", "status", "run_dir", "seed", "error", "prompt",

@@ -32,6 +32,8 @@ def _run_option(kind, default, help, **settings) -> Option:
 
 # The options of a run that are not part of its request: where it goes and what is printed.
 RUN_OPTIONS: dict[str, Option] = {name: _run_option(*spec[:3], name=name, **spec[3]) for name, spec in {
+    "from_run": ("text", None, "Start from RUN's request (its run.json): the options given here change it.",
+                 {"long": "--from", "metavar": "RUN"}),
     "out": ("text", None, "The run folder.", {"short": "-o", "metavar": "DIR",
                                              "shown_default": "a new folder under ./outputs"}),
     "overwrite": ("flag", False, "Replace an earlier run in --out (only the files that run wrote).", {}),
@@ -141,7 +143,7 @@ class Progress(Sink):
     """A run on stderr: a spinner while the model loads, then a bar with the prompt, step n/N (injected steps
     marked), it/s and the time left; it ends with one line for the run."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "") -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -151,6 +153,7 @@ class Progress(Sink):
             TimeRemainingColumn,
         )
 
+        self.prefix = prefix  # "run 2 of 16 · " in a batch
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[note]}"), TimeRemainingColumn(), console=stderr,
                                  transient=True)
@@ -158,13 +161,14 @@ class Progress(Sink):
 
     def load(self, model) -> None:
         self.progress.start()
-        self.task = self.progress.add_task(f"loading {model.name}", total=None, note="")
+        self.task = self.progress.add_task(f"{self.prefix}loading {model.name}", total=None, note="")
 
     def start(self, info) -> None:
         prompt = info.request.prompt or ("(photo)" if info.request.prompt_image else "(no prompt)")
         label = prompt if len(prompt) <= 32 else prompt[:31] + "…"
         steps = info.total_steps - info.first_step + 1
-        self.progress.reset(self.task, total=steps, description=f"{label} · seed {info.request.seed}", note="")
+        self.progress.reset(self.task, total=steps, description=f"{self.prefix}{label} · seed {info.request.seed}",
+                            note="")
 
     def step(self, step) -> None:
         self.progress.advance(self.task)

@@ -51,8 +51,22 @@ for _command in (generate, image_prompt):
 
 
 def request_from(params: dict):
-    """The GenerationRequest the parsed command line asks for (unvalidated); `batch` builds its defaults here too."""
-    return from_values(given(OPTIONS, params))
+    """The GenerationRequest the parsed command line asks for (unvalidated)."""
+    return from_values(values_from(params))
+
+
+def values_from(params: dict) -> dict:
+    """The request's fields the parsed command line gives: with --from RUN, that run's request with the options
+    given here changed (an option that only applied with another, and took its default, is left to apply again)."""
+    values = given(OPTIONS, params)
+    if not params.get("from_run"):
+        return values
+    from ..record.rundir import read_run
+
+    kept = read_run(params["from_run"], need_frames=False).manifest.get("request") or {}
+    filled = {k for k, v in kept.items() if k in OPTIONS and OPTIONS[k].needs and
+              (tuple(v) if isinstance(v, list) else v) == OPTIONS[k].default}
+    return {**{k: v for k, v in kept.items() if k in OPTIONS and v is not None and k not in filled}, **values}
 
 
 def execute(req, params: dict) -> None:
@@ -64,7 +78,7 @@ def execute(req, params: dict) -> None:
     opts = {name: params.get(name) for name in RUN_OPTIONS}
     req = req.validated()
     animations = [fmt for fmt in ("gif", "webp") if opts[fmt]]
-    if animations and req.preview == "none":
+    if animations and req.preview == "none":  # (auto decides for a decoder, never for none)
         raise BadInput(f"--{animations[0]} animates the frames, but --preview none writes none")
     sinks = [RunFolder(Path(opts["out"]) if opts["out"] else None, opts["overwrite"])]
     if not opts["quiet"]:

@@ -77,7 +77,7 @@ def models(
                       caption="* the default (set $SDSTREAM_MODEL to change it)" if default else None)
         table.add_column("alias", no_wrap=True)
         table.add_column("family", no_wrap=True)
-        table.add_column("source", overflow="fold")
+        table.add_column("source", no_wrap=True)
         table.add_column("on disk", no_wrap=True)
         table.add_column("size", justify="right", no_wrap=True)
         table.add_column("path", overflow="fold")
@@ -139,9 +139,12 @@ def masks(
 
 
 def _stdout():
+    """Rich on stdout; into a file or a pipe, wide enough that nothing is folded mid-name (repo ids, paths)."""
+    import sys
+
     from rich.console import Console
 
-    return Console(highlight=False)
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 def _bytes(n: int | None) -> str:

@@ -3,7 +3,8 @@
   "vocabulary": the only words the model knows; check_vocabulary() refuses any other word, listing the ones
                 it knows, instead of letting the tokenizer split it into pieces the model never saw;
   "latent_rgb": {"weights": [[r, g, b] per latent channel], "bias": [r, g, b]}, the linear map from its
-                latents to RGB for `--preview approx` (SD 1.x's factors would give wrong colours).
+                latents to RGB for `--preview approx` (SD 1.x's factors would give wrong colours);
+  "preview":    the frame decoder `--preview auto` picks for it (approx, vae or taesd).
 
 The embedded `tiny` carries one (sdstream/weights/tiny/sdstream.json). Pure Python: read before torch.
 """

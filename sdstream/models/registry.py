@@ -103,11 +103,12 @@ def local_folder(source: ModelSource) -> Path:
 
 def hub_snapshot(repo: str) -> Path | None:
     """The cached snapshot folder of hub repo REPO that holds a pipeline, or None when it isn't downloaded."""
-    found = _hub_file(repo, "model_index.json")
+    found = hub_file(repo, "model_index.json")
     return found.parent if found else None
 
 
-def _hub_file(repo: str, name: str) -> Path | None:
+def hub_file(repo: str, name: str) -> Path | None:
+    """The cached file NAME of hub repo REPO, or None when it is not on disk."""
     from huggingface_hub import try_to_load_from_cache
 
     if not _REPO_ID.match(repo):
@@ -138,7 +139,7 @@ def check_available(req) -> ModelSource:
                        "folder, or download it once with network access")
     if req.preview == "taesd":
         taesd = req.taesd or DEFAULT_TAESD
-        if not Path(taesd).expanduser().is_dir() and offline() and _hub_file(taesd, "config.json") is None:
+        if not Path(taesd).expanduser().is_dir() and offline() and hub_file(taesd, "config.json") is None:
             raise BadInput(f"--taesd {taesd!r} is not on disk and HF_HUB_OFFLINE is set: pass a local folder, "
                            "download it once with network access, or use --preview approx or vae")
     if folder is not None:

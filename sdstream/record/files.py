@@ -82,8 +82,9 @@ class FrameWriter:
     """
 
     def __init__(self, folder: Path, fmt: str, depth: int = 8, threads: int = min(4, os.cpu_count() or 1),
-                 written=lambda step, path: None):
+                 written=lambda step, path: None, size: tuple[int, int] | None = None):
         self.folder, self.fmt, self.written = folder, fmt, written  # written(step, path): a frame is on disk
+        self.size = size  # (width, height) the frames are scaled to, on the writer's threads
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._threads = [
@@ -120,7 +121,7 @@ class FrameWriter:
             if self._error is None:  # after a failure, drain without writing
                 step, path, (picture, copied) = item
                 try:
-                    save_image(_to_pil(picture, copied), path, self.fmt, fast=True)
+                    save_image(_scaled(_to_pil(picture, copied), self.size), path, self.fmt, fast=True)
                     self.written(step, path)
                 except BaseException as e:
                     self._error = self._error or e
@@ -143,6 +144,16 @@ def _to_host(picture):
     copied = torch.cuda.Event()
     copied.record()
     return host, copied
+
+
+def _scaled(image, size):
+    """IMAGE at SIZE: smooth both ways (a latent-size approx frame enlarged, a full-size one reduced)."""
+    if size is None or image.size == tuple(size):
+        return image
+    from PIL import Image
+
+    larger = size[0] > image.size[0]
+    return image.resize(size, Image.Resampling.BILINEAR if larger else Image.Resampling.LANCZOS)
 
 
 def _to_pil(picture, copied):

@@ -64,6 +64,7 @@ class Prepared:
     height: int
     previewer: object | None  # core.preview.Previewer, or None for --preview none
     hooks: list
+    preview: str  # the frame decoder, with auto decided
 
 
 def run(req, sinks: Sequence = (), *, inputs: Inputs | None = None,
@@ -151,7 +152,7 @@ def _info(req, source: ModelSource, ready: Prepared, load_seconds: float) -> Run
     from ..models.loader import dtype_name
 
     info = RunInfo(req, source, ready.device, dtype_name(ready.pipe.unet.dtype), ready.width, ready.height,
-                   req.first_step, req.total_steps)
+                   req.first_step, req.total_steps, ready.preview)
     info.timings["load"] = round(load_seconds, 4)
     return info
 
@@ -208,9 +209,24 @@ def prepare(req, source: ModelSource, inputs: Inputs, previews: bool = True) -> 
     width, height = size_of(pipe, req, inputs)
     check_against_model(pipe, req, width, height)
     hooks = hooks_for(pipe, req, inputs)
-    wanted = previews and req.preview != "none"
-    previewer = Previewer(pipe, req.preview, req.frame_source, req.taesd) if wanted else None
-    return Prepared(pipe, device, width, height, previewer, hooks)
+    mode = preview_mode(req, pipe)
+    wanted = previews and mode != "none"
+    previewer = Previewer(pipe, mode, req.frame_source, req.taesd) if wanted else None
+    return Prepared(pipe, device, width, height, previewer, hooks, mode)
+
+
+def preview_mode(req, pipe) -> str:
+    """--preview, with auto decided for the model: what its folder's sdstream.json declares (tiny: vae, whose
+    decode of 32x32 costs next to nothing and whose linear colours are rough), else TAESD when it is on disk,
+    else the linear approximation."""
+    if req.preview != "auto":
+        return req.preview
+    declared = getattr(pipe, "sdstream_notes", {}).get("preview")
+    if declared in ("approx", "vae", "taesd"):
+        return declared
+    from ..models.registry import DEFAULT_TAESD, hub_file
+
+    return "taesd" if hub_file(DEFAULT_TAESD, "config.json") is not None else "approx"
 
 
 def size_of(pipe, req, inputs: Inputs) -> tuple[int, int]:

@@ -276,9 +276,10 @@ class RunFolder(Sink):
         try:
             self.manifest = manifest
             self.flush()  # run.json first: a folder with anything in it says whose it is
-            if req.preview != "none":
+            if info.preview != "none":
                 (path / FRAMES).mkdir(exist_ok=True)
-                self.writer = FrameWriter(path / FRAMES, req.frame_format, written=self._frame_written)
+                self.writer = FrameWriter(path / FRAMES, req.frame_format, written=self._frame_written,
+                                          size=frame_size(req.frame_size, info.width, info.height))
         except OSError as e:  # a full or read-only disk before the first step: nothing half made stays behind
             self.manifest, self.writer = {}, None
             (path / MANIFEST).unlink(missing_ok=True)
@@ -351,6 +352,14 @@ class RunFolder(Sink):
             raise failure
 
 
+def frame_size(longer: int | None, width: int, height: int) -> tuple[int, int]:
+    """The (width, height) of frames on disk: the image's aspect, its longer side LONGER (default the image's,
+    at most 512)."""
+    longer = longer or min(max(width, height), 512)
+    scale = longer / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def _manifest(info: RunInfo) -> dict:
     import diffusers
     import torch
@@ -369,6 +378,7 @@ def _manifest(info: RunInfo) -> dict:
         "dtype": info.dtype,
         "width": info.width,
         "height": info.height,
+        "preview": info.preview,
         "first_step": info.first_step,
         "total_steps": info.total_steps,
         "inject_steps": list(req.inject_steps),

@@ -28,6 +28,7 @@ class RunInfo:
     height: int
     first_step: int
     total_steps: int
+    preview: str = "none"  # the frame decoder (--preview, with auto decided for the model)
     timings: dict = field(default_factory=lambda: {"load": None, "prepare": None, "steps": [], "decode": None,
                                                    "total": None})
     recoveries: list = field(default_factory=list)  # safe fixes applied on the way: vae_tiled_retry, vae_fp32_retry

@@ -83,6 +83,7 @@ def create_app(
     device = resolve_device(device)
     worker = Worker(max_queue, limits, save)
     served = set(registry.ALIASES) | set(models)
+    default_model = models[0] if models else None  # a request naming no model gets what the server preloaded
 
     @asynccontextmanager
     async def lifespan(app):
@@ -120,7 +121,7 @@ def create_app(
             "device": device,
             "loaded_models": [m["name"] for m in models_loaded()],
             "available_models": [*registry.ALIASES, *(m for m in models if m not in registry.ALIASES)],
-            "default_model": registry.default_model(),
+            "default_model": default_model or registry.default_model(),
             "masks": list(masks.PATTERNS),
             "schedulers": list(SCHEDULERS),
             "prompt_image": True,
@@ -165,7 +166,7 @@ def create_app(
                                            f"{', '.join(sorted(served))} (or start the server with --any-model)"},
                                 status_code=422)
         try:  # the checks that need no model, and the pictures decoded (off the event loop)
-            req, inputs = await run_in_threadpool(build_request, body, device, limits)
+            req, inputs = await run_in_threadpool(build_request, body, device, limits, default_model)
             await run_in_threadpool(registry.check_available, req)
         except BadInput as e:
             from .schema import api_message

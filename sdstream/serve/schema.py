@@ -71,8 +71,9 @@ def decode_base64(value: str, name: str) -> bytes:
     return data
 
 
-def build_request(body, device: str, limits: Limits):
-    """(the validated GenerationRequest, the uploaded pictures as bytes) for BODY, or BadInput in API names."""
+def build_request(body, device: str, limits: Limits, model: str | None = None):
+    """(the validated GenerationRequest, the pictures decoded) for BODY, or BadInput in API names. MODEL is the
+    server's default model (the first it preloaded) for a body that names none."""
     from ..inputs import load_inputs
 
     try:
@@ -93,6 +94,8 @@ def build_request(body, device: str, limits: Limits):
             if len(values.get(name) or "") > limits.max_prompt:
                 raise BadInput(f"--{name.replace('_', '-')} is {len(values[name])} characters long, over this "
                                f"server's limit of {limits.max_prompt}")
+        if values.get("model") is None and model is not None:
+            values["model"] = model
         req = from_values({**values, "device": device}).validated()
         if req.width and req.height:
             limits.check_run(req.total_steps - req.first_step + 1, req.width, req.height)
