@@ -2,7 +2,7 @@
 # All nine noise masks at the same step, same seed: one run without a mask (line 1, the
 # baseline), then one per mask. `compare` puts each next to the baseline, step by step.
 #
-#   examples/mask_sweep.sh "a fox in snow"
+#   examples/mask_sweep.sh "a yellow circle on a blue background"
 #   MODEL=sd15 STEPS=30 STEP=9 examples/mask_sweep.sh "a fox in snow"
 set -euo pipefail
 

@@ -2,7 +2,7 @@
 # One prompt, several seeds: a JSON Lines file made on the fly and run by `sdstream batch`.
 # Every line sets only its seed; the prompt and the rest are command-line defaults.
 #
-#   examples/seed_sweep.sh "a fox in snow"                 # MODEL=tiny unless you say otherwise
+#   examples/seed_sweep.sh "a yellow circle on a blue background"   # on tiny, unless MODEL says otherwise
 #   MODEL=sd15 STEPS=30 SEEDS="1 2 3 4 5 6 7 8" examples/seed_sweep.sh "a fox in snow"
 #
 # Rerunning the same command skips the runs that are already complete in $OUT.

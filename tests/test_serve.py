@@ -7,18 +7,14 @@ leaves no generation behind.
 from __future__ import annotations
 
 import base64
-import contextlib
-import fcntl
 import io
 import json
 import os
-import select
 import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -27,8 +23,6 @@ from conftest import sdstream_cli
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-
-CHROMIUM = "/usr/bin/chromium"
 
 
 def _free_port() -> int:
@@ -242,100 +236,3 @@ def test_missing_extra_exits_2(tmp_path):
     r = sdstream_cli("serve", env={"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 2
     assert "sdstream serve needs the serve extra: pip install 'sdstream[serve]'" in r.stderr
-
-
-# ---------------------------------------------------------------------------------------------
-# /ui in headless Chromium, driven over the DevTools protocol on a pipe (no extra packages)
-
-
-class DevTools:
-    """Chromium with --remote-debugging-pipe: JSON messages, NUL-terminated, on fds 3 (in) and 4 (out)."""
-
-    def __init__(self, url: str, profile: Path):
-        to_chrome_r, self.to_chrome = os.pipe()
-        self.from_chrome, from_chrome_w = os.pipe()
-        # the child's ends numbered 10 or more, so bash can move them to 3 and 4 without a clash
-        r, w = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (to_chrome_r, from_chrome_w))
-        os.close(to_chrome_r)
-        os.close(from_chrome_w)
-        args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                f"--user-data-dir={profile}", "--remote-debugging-pipe", url]
-        self.proc = subprocess.Popen(
-            ["bash", "-c", f'exec "$@" 3<&{r} 4>&{w} {r}<&- {w}>&-', "bash", *args], pass_fds=(r, w),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        os.close(r)
-        os.close(w)
-        self.buffer, self.next_id, self.session = b"", 0, None
-
-    def call(self, method: str, timeout: float = 30, **params) -> dict:
-        self.next_id += 1
-        msg = {"id": self.next_id, "method": method, "params": params}
-        if self.session:
-            msg["sessionId"] = self.session
-        os.write(self.to_chrome, json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\0" in self.buffer:
-                raw, self.buffer = self.buffer.split(b"\0", 1)
-                reply = json.loads(raw)
-                if reply.get("id") == self.next_id:
-                    if "error" in reply:
-                        raise RuntimeError(f"{method}: {reply['error']}")
-                    return reply["result"]
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.from_chrome], [], [], left)[0]:
-                raise TimeoutError(method)
-            chunk = os.read(self.from_chrome, 1 << 16)
-            if not chunk:
-                raise RuntimeError("chromium closed the pipe")
-            self.buffer += chunk
-
-    def attach_page(self) -> None:
-        deadline = time.monotonic() + 30
-        while not (pages := [t for t in self.call("Target.getTargets")["targetInfos"] if t["type"] == "page"]):
-            assert time.monotonic() < deadline, "no page target"
-            time.sleep(0.2)
-        self.session = self.call("Target.attachToTarget", targetId=pages[0]["targetId"], flatten=True)["sessionId"]
-
-    def evaluate(self, expression: str):
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
-
-    def close(self) -> None:
-        self.session = None
-        with contextlib.suppress(RuntimeError, TimeoutError, OSError):
-            self.call("Browser.close", timeout=5)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self.to_chrome)
-        os.close(self.from_chrome)
-
-
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs chromium (apt-get install chromium)")
-def test_ui_streams_frames_in_headless_chromium(server, tmp_path):
-    url = server.replace("127.0.0.1", "localhost") + "/ui?prompt=a%20red%20circle&model=tiny&steps=4&seed=5&autorun=1"
-    browser = DevTools(url, tmp_path / "profile")
-    try:
-        browser.attach_page()
-        state = "(none)"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            state = browser.evaluate("document.body && document.body.dataset.state")
-            if state in ("done", "error"):
-                break
-            time.sleep(0.3)
-        shown = browser.evaluate(
-            "JSON.stringify({counter: $('counter').textContent, error: $('error').textContent, "
-            "thumbs: $('strip').children.length, download: $('download').hidden ? '' : $('download').href, "
-            "name: $('download').download, model: $('model').value})"
-        )
-    finally:
-        browser.close()
-    page = json.loads(shown)
-    assert state == "done", page
-    assert page["counter"] == "step 4 / 4" and page["thumbs"] == 4 and page["model"] == "tiny"
-    assert page["download"].startswith("data:image/png;base64,") and page["name"] == "sdstream-5.png"

@@ -69,6 +69,12 @@ def plan(source, out: str | Path, defaults=None, *, force: bool = False, keep_go
     given = defaults_of(defaults)
     dependent = {k: v for k, v in given.items() if OPTIONS[k].needs}
     plain = {k: v for k, v in given.items() if k not in dependent}
+    try:  # the command line's own prompt and model, checked once: its error is no line's
+        base = from_values(plain).validated()
+    except BadInput:
+        base = None  # the lines may complete what the defaults lack
+    if base is not None and any("model" not in values and "prompt" not in values for _, values in parsed):
+        check_available(base)
     used: set[str] = set()
     width = max([4] + [len(str(line)) for line, _ in parsed + errors])
     pictures: dict[tuple[str, str], object] = {}  # (field, path) -> decoded once for the whole batch
