@@ -16,7 +16,9 @@ from dataclasses import dataclass, field, replace
 
 from .errors import BadInput
 
-KINDS = ("text", "int", "float", "flag", "steps", "picture", "choice")
+# text, int, float, flag (on/off), steps (step numbers: 5,8), picture (a file), choice (one of choices()),
+# names (several of choices(): latents,x0), pairs (K:TEXT, repeated: a step and a text)
+KINDS = ("text", "int", "float", "flag", "steps", "picture", "choice", "names", "pairs")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Option:
     metavar: str | None = None
     api: str | None = None  # the HTTP body's name for it, where the original service named it otherwise
     served: bool = True  # a field of POST /generate (device and speed options belong to the server)
+    cli: bool = True  # an option of `generate` (a branch's parent and step are arguments of `branch`)
     a1111: str | None = None  # its key in the A1111 "parameters" text of final.png
     shown_default: str | None = None  # the default in words, where it follows from something else
     name: str = ""  # filled in from the field it declares
@@ -55,7 +58,11 @@ class Option:
     # ---------------------------------------------------------------- values
 
     def parse(self, text):
-        """The value of TEXT as given on the command line (a str, or a list of them for steps)."""
+        """The value of TEXT as given on the command line (a str, or a list of them for repeatable kinds)."""
+        if self.kind == "names":
+            return tuple(p for item in text for p in re.split(r"[,\s]+", str(item).strip()) if p)
+        if self.kind == "pairs":
+            return tuple(text)  # each "K:TEXT"; check() reads them
         if self.kind == "steps":
             parts = [p for item in text for p in re.split(r"[,\s]+", str(item).strip()) if p]
             try:
@@ -92,6 +99,10 @@ class Option:
             if self.default is None and not value.strip():  # --model '', --init-image '': never "the default"
                 raise BadInput(f"{self.flag} {value!r} is empty: give a value, or leave the option out")
             return value
+        if kind == "names":
+            return self._names(value)
+        if kind == "pairs":
+            return self._pairs(value)
         if kind == "steps":
             steps = (value,) if _is_int(value) else value
             if not isinstance(steps, (tuple, list)) or not all(_is_int(s) for s in steps):
@@ -104,6 +115,41 @@ class Option:
             raise BadInput(f"{self.flag} {value!r} is not allowed: {self._allowed()}")
         self._in_range(value)
         return value
+
+    def _names(self, value) -> tuple[str, ...]:
+        """Several of choices() (or "all"), in their declared order, each once."""
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (tuple, list)) or not all(isinstance(v, str) for v in items):
+            raise BadInput(f"{self.flag} {value!r} is not allowed: give names from: {', '.join(self.names())}")
+        wanted = {v.strip().lower().replace("_", "-") for v in items if v.strip()}
+        if "all" in wanted:
+            return tuple(self.names())
+        unknown = sorted(wanted - set(self.names()))
+        if unknown:
+            raise BadInput(f"{self.flag} {unknown[0]!r} is not one of: {', '.join(self.names())}, all")
+        return tuple(n for n in self.names() if n in wanted)
+
+    def _pairs(self, value) -> tuple[tuple[int, str], ...]:
+        """(step, text) pairs from "K:TEXT" strings or [K, TEXT] lists, sorted by step, each step once."""
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (tuple, list)):
+            raise BadInput(f"{self.flag} {value!r} is not allowed: give K:TEXT, e.g. 10:a green circle")
+        pairs = {}
+        for item in items:
+            if isinstance(item, str):
+                step, colon, text = item.partition(":")
+                step = int(step) if step.strip().isdigit() else None
+            elif isinstance(item, (tuple, list)) and len(item) == 2:
+                step, text, colon = item[0], item[1], ":"
+            else:
+                step = colon = text = None
+            if not colon or not _is_int(step) or not isinstance(text, str):
+                raise BadInput(f"{self.flag} {item!r} is not allowed: give K:TEXT, e.g. 10:a green circle")
+            self._in_range(step)
+            if step in pairs:
+                raise BadInput(f"{self.flag}: step {step} is given twice")
+            pairs[step] = text
+        return tuple(sorted(pairs.items()))
 
     def _choice(self, value: str) -> str:
         name = self.canonical(value) if self.canonical else (value if value in self.names() else None)
@@ -125,6 +171,8 @@ class Option:
         lo, hi = self.range or (None, None)
         if self.kind == "steps":
             return f"give step numbers from {lo:g} to {hi:g}, e.g. 5,8 (or the option twice)"
+        if self.kind == "pairs":
+            return f"give a step from {lo:g} to {hi:g}"
         what = "a whole number" if self.kind == "int" else "a number"
         return f"give {what} from {lo:g} to {hi:g}" if self.range else f"give {what}"
 
@@ -160,6 +208,7 @@ class Option:
         return {
             "name": self.name, "api": self.api_name, "flag": self.flag, "kind": self.kind,
             "default": list(self.default) if isinstance(self.default, tuple) else self.default,
+            "panel": self.panel, "label": self.a1111,
             "range": list(self.range) if self.range else None, "choices": self.names() or None,
             "needs": self.needs, "help": self.help, "shown_default": self.default_text(),
         }

@@ -9,6 +9,7 @@ that need the loaded model (size vs the VAE factor, the CLIP's width) come last 
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from dataclasses import asdict, dataclass, replace
@@ -23,13 +24,16 @@ MAX_SEED = 2**64 - 1
 MAX_STEPS = 500  # DDIM's schedule runs past SD's 1000 training timesteps at 1000 steps
 DEFAULT_INJECT_FRACTION = 0.3  # --mask alone injects 30% into the run: late enough to keep composition
 PREVIEWS = ("auto", "approx", "vae", "taesd", "none")  # how frames are decoded (see core/preview.py)
-FRAME_SOURCES = ("x0", "latent")
+FRAME_SOURCES = ("x0", "latent", "x0-cond", "x0-uncond")  # x0-cond/-uncond: what each half of guidance predicts
+TENSORS = ("latents", "x0", "eps", "eps-cond", "eps-uncond")  # what --save-tensors may keep of each step
+TENSOR_DTYPES = ("fp16", "bf16", "fp32", "run")
 FRAME_FORMATS = ("png", "jpg", "webp")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 
-PROMPT, IMAGE_PROMPT, MODEL, PICTURE, MASK, FRAMES, DEVICE = (
-    "Prompt", "Image as prompt", "Model", "Start from a picture", "Noise injection", "Frames", "Device")
+PROMPT, IMAGE_PROMPT, MODEL, PICTURE, MASK, FRAMES, TRAJECTORY, DEVICE = (
+    "Prompt", "Image as prompt", "Model", "Start from a picture", "Noise injection", "Frames", "Trajectory",
+    "Device")
 
 
 def _device(name: str) -> str | None:
@@ -45,6 +49,9 @@ class GenerationRequest:
                                   metavar="TEXT")
     guidance: float = option(7.5, "Classifier-free guidance scale, 0-100; off at 1 or below.", PROMPT,
                              range=(0, 100), metavar="G", api="guidance_scale", a1111="CFG scale")
+    prompt_at: tuple[tuple[int, str], ...] = option(
+        (), "From step K on, the conditional prompt is TEXT (repeatable): AUTOMATIC1111's prompt editing.", PROMPT,
+        kind="pairs", range=(1, MAX_STEPS + 1), metavar="K:TEXT", a1111="Prompt at")
     prompt_image: str | None = option(
         None, "Use this photo as the prompt: its CLIP image features, repeated over the token positions, replace "
         "the text prompt's embedding (the unconditional half stays --negative-prompt's).", IMAGE_PROMPT,
@@ -93,7 +100,8 @@ class GenerationRequest:
         "none; auto: what the model folder declares, else TAESD when it is on disk, else approx.", FRAMES,
         kind="choice", choices=lambda: PREVIEWS, metavar="P")
     frame_source: str | None = option(
-        "x0", "x0 (the model's estimate of the clean image) or latent (the noisy state).", FRAMES, kind="choice",
+        "x0", "x0 (the model's estimate of the clean image), latent (the noisy state), or x0-cond / x0-uncond (what "
+        "the prompt alone, or the negative prompt alone, predicts).", FRAMES, kind="choice",
         choices=lambda: FRAME_SOURCES, needs="preview!=none", metavar="SRC")
     taesd: str | None = option(None, "Where --preview taesd loads TAESD from: a hub id or a folder.", FRAMES,
                                needs="preview=taesd", metavar="ID|DIR", served=False,
@@ -106,6 +114,22 @@ class GenerationRequest:
         shown_default="the image's, at most 512")
     frame_format: str | None = option("png", "png, jpg or webp.", FRAMES, kind="choice", choices=lambda: FRAME_FORMATS,
                                       needs="preview!=none", metavar="FMT", served=False)
+    save_tensors: tuple[str, ...] = option(
+        (), "Keep these tensors of every step in the run folder (safetensors): " + ", ".join(TENSORS) + ", or all.",
+        TRAJECTORY, kind="names", choices=lambda: TENSORS, metavar="LIST", served=False)
+    tensor_dtype: str | None = option("fp16", "The dtype --save-tensors stores them in: fp16, bf16, fp32, or run "
+                                      "(the run's own).", TRAJECTORY, kind="choice", choices=lambda: TENSOR_DTYPES,
+                                      needs="save_tensors", metavar="T", served=False)
+    save_state: bool = option(False, "Keep what it takes to continue from every step (the latents at the run's dtype, "
+                              "the scheduler's history, the random stream): branch and resume then start at once.",
+                              TRAJECTORY, served=False)
+    stop_at_step: int | None = option(None, "Stop after step K with the state to continue kept (status stopped); "
+                                      "`sdstream resume RUN` finishes the run.", TRAJECTORY, kind="int",
+                                      range=(1, MAX_STEPS + 1), metavar="K", served=False)
+    parent: str | None = option(None, "The run folder this run branches from (sdstream branch).", TRAJECTORY,
+                                kind="picture", cli=False, served=False)
+    at_step: int | None = option(None, "The step from which this branch differs from its parent.", TRAJECTORY,
+                                 kind="int", range=(1, MAX_STEPS + 1), needs="parent", cli=False, served=False)
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.", DEVICE,
                          kind="choice", choices=lambda: DEVICES, canonical=_device, metavar="D", served=False)
     dtype: str = option("auto", "auto (fp16 on CUDA, else fp32), fp32, fp16 or bf16.", DEVICE, kind="choice",
@@ -145,10 +169,20 @@ class GenerationRequest:
         if req.init_image is not None and int(req.steps * req.strength) < 1:
             raise BadInput(f"--strength {req.strength:g} with --steps {req.steps} denoises no step; "
                            f"use a strength of at least {1 / req.steps:.3g} or more steps")
-        for k in req.inject_at_step or ():
-            if not req.first_step <= k <= total:
-                raise BadInput(f"--inject-at-step {k} is outside this run's steps: give a step from "
-                               f"{req.first_step} to {total}")
+        for option_name, steps in (("--inject-at-step", req.inject_at_step or ()),
+                                   ("--prompt-at", [k for k, _ in req.prompt_at])):
+            for k in steps:
+                if not req.first_step <= k <= total:
+                    raise BadInput(f"{option_name} {k} is outside this run's steps: give a step from "
+                                   f"{req.first_step} to {total}")
+        if req.stop_at_step is not None and not req.first_step <= req.stop_at_step < total:
+            raise BadInput(f"--stop-at-step {req.stop_at_step} is not allowed: give a step from {req.first_step} to "
+                           f"{total - 1} (the run stops after it; step {total} is the end)")
+        if req.frame_source == "x0-uncond" and req.guidance <= 1:
+            raise BadInput("--frame-source x0-uncond shows the unconditional half of guidance: it needs a --guidance "
+                           "above 1")
+        if req.parent is not None and req.at_step is None:
+            raise BadInput("a branch needs the step it starts at (--at-step)")
         return req
 
     # ------------------------------------------------------------------------------------------ step arithmetic
@@ -184,10 +218,8 @@ class GenerationRequest:
         return self.mask is not None and self.mask in masks.PATTERNS
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        if d["inject_at_step"] is not None:
-            d["inject_at_step"] = list(d["inject_at_step"])
-        return d
+        """The request as JSON values (tuples as lists): what run.json and final.png record."""
+        return json.loads(json.dumps(asdict(self)))
 
     def changed(self) -> dict:
         """The fields that differ from a plain request's, as to_dict() spells them (for messages and labels)."""

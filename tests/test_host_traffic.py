@@ -22,7 +22,7 @@ from sdstream.core.loop import denoise
 from sdstream.core.preview import Previewer
 from sdstream.inputs import load_inputs
 from sdstream.record.orchestrator import hooks_for, size_of
-from sdstream.record.sinks import NanCheck, Step
+from sdstream.record.sinks import Measures, NanCheck, Step
 from sdstream.request import GenerationRequest
 
 aten = torch.ops.aten
@@ -65,13 +65,18 @@ def loop(pipe, req):
 
 def traffic_per_step(pipe, **kw) -> tuple[list[str], list[list[str]], list]:
     """(traffic before the first step, traffic of each later step, the events), with the per-step work of the
-    sinks that see tensors on every step (the NaN check, the shared event dictionary)."""
+    sinks that see tensors on every step: the NaN check, the measures, the state kept to continue from, the
+    tensors --save-tensors keeps (cast on the device), the shared event dictionary."""
     req = GenerationRequest(model="tiny", steps=6, seed=1, prompt="a red circle", **kw).validated()
-    traffic, marks, events, nan_check = Traffic(), [], [], NanCheck()
+    traffic, marks, events, nan_check, measures = Traffic(), [], [], NanCheck(), Measures()
     nan_check.flags, nan_check.first = [], req.first_step
+    measures.start(None)
     with traffic:
         for event in loop(pipe, req):
-            nan_check.step(Step(event))
+            for sink in (nan_check, measures):
+                sink.step(Step(event))
+            event.state()
+            [t.to(torch.float16) for t in (event.latents, event.denoised, event.eps, event.eps_cond)]
             Step(event).to_dict()
             marks.append(len(traffic.log))
             events.append(event)

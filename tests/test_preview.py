@@ -11,7 +11,7 @@ from PIL import Image
 
 import sdstream
 from sdstream.core.preview import SD1_LATENT_RGB, Previewer, vae_decode
-from sdstream.record.files import FrameWriter
+from sdstream.record.files import Writer, picture_encoder
 from sdstream.request import GenerationRequest
 
 
@@ -64,8 +64,9 @@ def test_frame_source_x0_differs_from_latent_early_on(tiny):
 
 
 def test_frame_writer_writes_every_frame_from_its_threads(tmp_path):
-    writer = FrameWriter(tmp_path, "webp", threads=3)
-    paths = [writer.submit(step, torch.full((4, 6, 3), step, dtype=torch.uint8)) for step in range(1, 21)]
+    writer, encode = Writer(threads=3), picture_encoder("webp")
+    paths = [writer.submit(tmp_path / f"step-{step:04d}.webp", torch.full((4, 6, 3), step, dtype=torch.uint8), encode)
+             for step in range(1, 21)]
     writer.close()
     assert sorted(tmp_path.iterdir()) == paths
     assert [Image.open(p).size for p in paths] == [(6, 4)] * 20

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from sdstream.masks import mask_array
 
@@ -74,3 +75,23 @@ def test_a_word_tiny_does_not_know_is_refused_with_its_vocabulary(cli, tmp_path)
     assert "a on background red green blue yellow white black circle square triangle" in stderr
     code, _, stderr = cli("generate", "-m", "tiny", "--negative-prompt", "blurry", "-o", str(out))
     assert code == 2 and "--negative-prompt: the model 'tiny' does not know 'blurry'" in stderr
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_branching_red_to_green_early_makes_it_green_late_leaves_it_red(shapes, tmp_path, seed):
+    """Calibrated on seeds 1-3 at the card's 25 steps: a branch at step 15 or earlier draws the new colour, one at
+    step 21 or later keeps the parent's (18 is in between)."""
+    import sdstream
+    from sdstream import GenerationRequest
+    from sdstream.record.rundir import RunFolder
+
+    parent = tmp_path / "red"
+    sdstream.run(GenerationRequest(**TINY, prompt="a red circle on a blue background", seed=seed, save_state=True,
+                                   preview="none"), parent)
+    assert shapes.classify(Image.open(parent / "final.png"))["colour"] == "red"
+    colours = {}
+    for at in (5, 22):
+        req = GenerationRequest(**TINY, prompt="a green circle on a blue background", seed=seed, save_state=True,
+                                preview="none", parent=str(parent), at_step=at)
+        colours[at] = shapes.classify(sdstream.generate(req, [RunFolder(tmp_path / f"at-{at}")]))["colour"]
+    assert colours == {5: "green", 22: "red"}

@@ -32,9 +32,9 @@ def _root(
     """
 
 
-from . import batch, generate, info, look, serve  # noqa: E402  (each registers its commands on app)
+from . import batch, generate, info, look, serve, trajectory  # noqa: E402  (each registers its commands on app)
 
-for _group in (generate, batch, info, look, serve):
+for _group in (generate, batch, trajectory, info, look, serve):
     _group.register(app)
 
 

@@ -4,6 +4,8 @@ decoded, and changes the Run at its point.
   StartFromPicture  img2img (--init-image/--strength) and --start-image/--start-step
   ImagePrompt       a photo's CLIP features as the conditional prompt embeddings
   NoiseInjection    Gaussian noise through a mask at chosen steps
+  ChangeAt          from a step on, another prompt, negative prompt, guidance or seed (--prompt-at, a branch)
+  Resume            start after a step from its saved state (a branch, resume)
 """
 
 from __future__ import annotations
@@ -79,5 +81,47 @@ class NoiseInjection(Hook):
         noise = randn_tensor(latents.shape, generator=gen, device=latents.device, dtype=latents.dtype)
         one = torch.ones((1, 1, 1, 1), device=latents.device, dtype=latents.dtype)
         unit = one / run.scheduler.scale_model_input(one, t)
-        run.latents = latents + self.strength * unit * self.mask * noise
-        run.injected = True
+        added = self.strength * unit * self.mask * noise
+        run.latents, run.injected = latents + added, True
+        run.injected_rms = added.float().pow(2).mean().sqrt()  # stays on the device: read once, at the end
+
+
+class ChangeAt(Hook):
+    """From step STEP on: PROMPT (the conditional text) and/or NEGATIVE, GUIDANCE, and SEED for the noise still to be
+    drawn (Euler a's and DDIM-with-eta's steps). None leaves that part as it was."""
+
+    def __init__(self, step: int, prompt: str | None = None, negative: str | None = None,
+                 guidance: float | None = None, seed: int | None = None):
+        self.step, self.prompt, self.negative, self.guidance, self.seed = step, prompt, negative, guidance, seed
+
+    def on_prompt(self, run: Run) -> None:
+        if self.prompt is not None or self.negative is not None:  # encoded now, with the run's own
+            prompt = self.prompt if self.prompt is not None else run.req.prompt
+            negative = self.negative if self.negative is not None else run.req.negative_prompt
+            self.cond, self.uncond = run.pipe.encode_prompt(prompt, run.device, 1, True, negative or None)
+
+    def before_step(self, run: Run, step: int, t) -> None:
+        if step != self.step:
+            return
+        if self.prompt is not None:
+            run.cond = self.cond
+        if self.negative is not None:
+            run.uncond = self.uncond
+        if self.guidance is not None:
+            run.guidance = self.guidance
+        if self.seed is not None:
+            run.generator.manual_seed(self.seed)
+
+
+class Resume(Hook):
+    """Start at schedule step STEP from the state saved after step STEP - 1 (core/state.py): no step before it is
+    computed again, and what follows is bit for bit what the run itself computed."""
+
+    def __init__(self, step: int, tensors: dict, meta: dict):
+        self.step, self.tensors, self.meta = step, tensors, meta
+
+    def on_start(self, run: Run) -> None:
+        from .state import restore
+
+        run.first = self.step
+        restore(run, self.tensors, self.meta)

@@ -83,7 +83,18 @@ class Previewer:
         self.taesd = load_taesd(taesd or DEFAULT_TAESD, device, pipe.vae.dtype) if mode == "taesd" else None
 
     def __call__(self, event) -> torch.Tensor:
-        latents = event.denoised if self.source == "x0" else event.latents
+        """The picture of a StepEvent: of its x0, its latents, or what one half of guidance predicts."""
+        if self.source == "x0":
+            latents = event.denoised
+        elif self.source == "latent":
+            latents = event.latents
+        else:
+            eps = event.eps_cond if self.source == "x0-cond" else event.eps_uncond
+            latents = event.x0_of(eps).to(event.denoised.dtype)
+        return self.decode(latents)
+
+    def decode(self, latents) -> torch.Tensor:
+        """LATENTS (as the UNet sees them, [1, C, h, w]) as a uint8 (H, W, 3) picture, on the device."""
         with torch.inference_mode():
             if self.mode == "approx":
                 image = torch.einsum("bchw,cr->bhwr", latents, self.rgb)[0] + self.bias

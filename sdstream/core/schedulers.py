@@ -89,3 +89,26 @@ def _keeps_x0(scheduler) -> bool:
     if "algorithm_type" in config:  # DPM-Solver: the ++ variants solve in x0
         return config.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
     return bool(getattr(scheduler, "predict_x0", False))  # UniPC
+
+
+def x0_from(scheduler, index: int, alpha: float, sample, model_output):
+    """x0 by its definition, for a model output the scheduler did not step with (one half of guidance): from the
+    scheduler's own sigma at schedule index INDEX, or alpha-bar ALPHA for DDIM and PNDM, which work on x_t."""
+    kind = scheduler.config.prediction_type
+    if kind == "sample":
+        return model_output
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None or type(scheduler).__name__ in ("DDIMScheduler", "PNDMScheduler"):
+        if kind == "v_prediction":
+            return alpha**0.5 * sample - (1 - alpha) ** 0.5 * model_output
+        return (sample - (1 - alpha) ** 0.5 * model_output) / alpha**0.5
+    sigma = float(sigmas[index])
+    if "algorithm_type" in scheduler.config or hasattr(scheduler, "predict_x0"):  # DPM-Solver, UniPC: on x_t
+        alpha_t = 1 / (sigma**2 + 1) ** 0.5
+        sigma_t = sigma * alpha_t
+        if kind == "v_prediction":
+            return alpha_t * sample - sigma_t * model_output
+        return (sample - sigma_t * model_output) / alpha_t
+    if kind == "v_prediction":  # Euler, Euler a, LMS: on x_t / alpha_t
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+    return sample - sigma * model_output

@@ -72,43 +72,39 @@ def write_json(path: Path, data: dict) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
-class FrameWriter:
-    """Encodes and writes frames on background threads; the loop only hands over pictures.
+class Writer:
+    """Writes files on background threads; the loop only hands over what goes in them (frames, tensors, state).
 
-    Image encoding (zlib, libwebp) releases the GIL, so a few threads keep up with a fast GPU
-    where one could not. The queue is bounded so a slow disk applies back-pressure instead of
-    filling memory. The first write error is re-raised on the loop's thread at the next
-    submit() or at close().
+    Encoding (zlib, libwebp, safetensors) releases the GIL, so a few threads keep up with a fast GPU where one
+    could not. The queue is bounded so a slow disk applies back-pressure instead of filling memory. The first
+    write error is re-raised on the loop's thread at the next submit() or at close(). WRITTEN(kind, step, path)
+    is called (on a writer thread) once a file is on disk.
     """
 
-    def __init__(self, folder: Path, fmt: str, depth: int = 8, threads: int = min(4, os.cpu_count() or 1),
-                 written=lambda step, path: None, size: tuple[int, int] | None = None):
-        self.folder, self.fmt, self.written = folder, fmt, written  # written(step, path): a frame is on disk
-        self.size = size  # (width, height) the frames are scaled to, on the writer's threads
+    def __init__(self, depth: int = 8, threads: int = min(4, os.cpu_count() or 1),
+                 written=lambda kind, step, path: None):
+        self.written = written
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._threads = [
-            threading.Thread(target=self._work, name="sdstream-frames", daemon=True) for _ in range(threads)
+            threading.Thread(target=self._work, name="sdstream-writer", daemon=True) for _ in range(threads)
         ]
         for thread in self._threads:
             thread.start()
 
-    def path_for(self, step: int) -> Path:
-        return self.folder / f"step-{step:04d}.{self.fmt}"
+    def submit(self, path: Path, payload, encode, kind: str = "frame", step: int = 0) -> Path:
+        """Queue PAYLOAD (a PIL image, a tensor or a dict of tensors, on any device) for PATH, where ENCODE(payload)
+        makes its bytes on a writer thread.
 
-    def submit(self, step: int, picture) -> Path:
-        """Queue PICTURE (a PIL image, or a uint8 (H, W, 3) tensor on any device) for step STEP.
-
-        A CUDA tensor is copied into pinned host memory without blocking the loop; the writer
-        thread waits for that copy alone.
+        Tensors on a GPU are copied into pinned host memory without blocking the loop; the writer thread waits
+        for that copy alone.
         """
         self._raise_if_failed()
-        path = self.path_for(step)
-        self._queue.put((step, path, _to_host(picture)))
+        self._queue.put((kind, step, path, encode, *_to_host(payload)))
         return path
 
     def close(self) -> None:
-        """Wait until every submitted frame is on disk; raise the first write error."""
+        """Wait until every submitted file is on disk; raise the first write error."""
         for _ in self._threads:
             self._queue.put(None)
         for thread in self._threads:
@@ -119,28 +115,56 @@ class FrameWriter:
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             if self._error is None:  # after a failure, drain without writing
-                step, path, (picture, copied) = item
+                kind, step, path, encode, payload, copied = item
                 try:
-                    save_image(_scaled(_to_pil(picture, copied), self.size), path, self.fmt, fast=True)
-                    self.written(step, path)
+                    if copied is not None:
+                        copied.synchronize()
+                    data = encode(payload)
+                    atomic_write(path, lambda f, data=data: f.write(data))
+                    self.written(kind, step, path)
                 except BaseException as e:
                     self._error = self._error or e
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise SdstreamError(f"could not write frame: {self._error}") from self._error
+            raise SdstreamError(f"could not write {getattr(self._error, 'filename', None) or 'a file'}: "
+                                f"{self._error}") from self._error
 
 
-def _to_host(picture):
-    """(host picture, CUDA event marking the end of its copy or None)."""
-    if not hasattr(picture, "is_cuda"):  # already a PIL image
-        return picture, None
-    if not picture.is_cuda:
-        return picture.cpu(), None
+def picture_encoder(fmt: str, size: tuple[int, int] | None = None):
+    """ENCODE for Writer.submit: a uint8 (H, W, 3) tensor or a PIL image as FMT bytes, scaled to SIZE."""
+    import io
+
+    def encode(picture) -> bytes:
+        from PIL import Image
+
+        image = picture if isinstance(picture, Image.Image) else Image.fromarray(picture.numpy())
+        buf = io.BytesIO()
+        kwargs = {"compress_level": 1} if fmt == "png" else {"quality": 90}  # PNG: 2-3x quicker, a tenth bigger
+        _scaled(image, size).save(buf, format=_PIL_FORMAT[fmt], **kwargs)
+        return buf.getvalue()
+
+    return encode
+
+
+def _to_host(payload):
+    """(host payload, CUDA event marking the end of its copies or None): tensors, or dicts of them, off the GPU."""
+    if isinstance(payload, dict):
+        copies = {k: _host_copy(v) for k, v in payload.items()}
+        events = [e for _, e in copies.values() if e is not None]
+        return {k: t for k, (t, _) in copies.items()}, events[-1] if events else None
+    return _host_copy(payload)
+
+
+def _host_copy(tensor):
+    if not hasattr(tensor, "is_cuda"):  # a PIL image
+        return tensor, None
+    if not tensor.is_cuda:
+        return tensor.cpu(), None
     import torch
 
-    host = torch.empty(picture.shape, dtype=picture.dtype, pin_memory=True)
-    host.copy_(picture, non_blocking=True)
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
     copied = torch.cuda.Event()
     copied.record()
     return host, copied
@@ -154,11 +178,3 @@ def _scaled(image, size):
 
     larger = size[0] > image.size[0]
     return image.resize(size, Image.Resampling.BILINEAR if larger else Image.Resampling.LANCZOS)
-
-
-def _to_pil(picture, copied):
-    from PIL import Image
-
-    if copied is not None:
-        copied.synchronize()
-    return picture if isinstance(picture, Image.Image) else Image.fromarray(picture.numpy())

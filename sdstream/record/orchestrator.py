@@ -20,7 +20,7 @@ from .. import interrupts
 from ..errors import BadInput, SdstreamError
 from ..inputs import Inputs, load_inputs
 from ..models.registry import ModelSource, check_available
-from .sinks import NanCheck, Outcome, RunInfo, Sink, Step, as_sink
+from .sinks import Measures, NanCheck, Outcome, RunInfo, Sink, Step, as_sink
 
 OOM_HINT = "try --cpu-offload, --vae-tiling, --attention-slicing, or a smaller --width/--height"
 
@@ -68,14 +68,19 @@ class Prepared:
 
 
 def run(req, sinks: Sequence = (), *, inputs: Inputs | None = None,
-        cancelled: Callable[[], bool] | None = None) -> Result:
+        cancelled: Callable[[], bool] | None = None, continuation=None) -> Result:
     """Run REQ to SINKS (Sink objects, or functions of event dicts). Raises BadInput before anything is written
     for a bad request, SdstreamError (with a hint) for a failed run, KeyboardInterrupt when interrupted.
 
     CANCELLED is asked before each step and, inside a step, before each of the UNet's and the VAE decoder's
-    blocks: a long step (a big picture on a CPU) stops within a block, not after minutes."""
+    blocks: a long step (a big picture on a CPU) stops within a block, not after minutes. CONTINUATION (or a
+    request that names a parent run) makes the run continue another (record/continuation.py)."""
+    from .continuation import branch_of
+
     req = req.validated()
-    sinks = [as_sink(s) for s in sinks] + [NanCheck()]
+    if continuation is None and req.parent is not None:
+        continuation = branch_of(req)
+    sinks = [Measures(), NanCheck(), *(as_sink(s) for s in sinks)]
     inputs = inputs if inputs is not None else load_inputs(req)
     source = check_available(req)
     info, finished = None, set()
@@ -85,14 +90,14 @@ def run(req, sinks: Sequence = (), *, inputs: Inputs | None = None,
         for sink in sinks:
             sink.load(source)
         started = time.perf_counter()
-        ready = prepare(req, source, inputs, previews=any(sink.pictures for sink in sinks))
+        ready = prepare(req, source, inputs, previews=any(sink.pictures for sink in sinks), continuation=continuation)
         interrupts.raise_if_pending()  # a Ctrl-C that an import or a load swallowed
-        info = _info(req, source, ready, time.perf_counter() - started)
+        info = _info(req, source, ready, time.perf_counter() - started, continuation)
         for sink in sinks:
             sink.start(info)
         with _cancellable(ready.pipe, cancelled):
-            image = _denoise(req, ready, info, sinks, cancelled or (lambda: False))
-        outcome = Outcome("complete", image)
+            image = _denoise(req, ready, info, sinks, cancelled or (lambda: False), continuation)
+        outcome = Outcome("complete" if image is not None else "stopped", image)
         info.timings["total"] = round(time.perf_counter() - started, 4)
         for sink in sinks:
             sink.finish(info, outcome)
@@ -148,23 +153,26 @@ def _failure(e: BaseException) -> BaseException:
     return e
 
 
-def _info(req, source: ModelSource, ready: Prepared, load_seconds: float) -> RunInfo:
+def _info(req, source: ModelSource, ready: Prepared, load_seconds: float, continuation) -> RunInfo:
     from ..models.loader import dtype_name
 
+    first = continuation.at if continuation else req.first_step
     info = RunInfo(req, source, ready.device, dtype_name(ready.pipe.unet.dtype), ready.width, ready.height,
-                   req.first_step, req.total_steps, ready.preview)
+                   first, req.total_steps, ready.preview, continuation=continuation)
     info.timings["load"] = round(load_seconds, 4)
     return info
 
 
-def _denoise(req, ready: Prepared, info: RunInfo, sinks: list[Sink], cancelled) -> object:
-    """The loop, each step to every sink; then the checks of the finished steps and the final image."""
+def _denoise(req, ready: Prepared, info: RunInfo, sinks: list[Sink], cancelled, continuation) -> object:
+    """The loop, each step to every sink (steps replayed for a continuation to none); then the checks of the
+    finished steps and the final image (None when the run stops early, at --stop-at-step)."""
     from ..core.loop import denoise
     from ..core.preview import vae_decode
 
-    previewer, latents = ready.previewer, None
+    previewer, latents, at = ready.previewer, None, info.first_step
     began = time.perf_counter()
-    events = denoise(ready.pipe, req, ready.width, ready.height, ready.hooks)
+    events = denoise(ready.pipe, continuation.parent if continuation else req, ready.width, ready.height,
+                     ready.hooks)
     while True:
         if cancelled():  # asked before each step is computed
             raise Cancelled
@@ -172,17 +180,22 @@ def _denoise(req, ready: Prepared, info: RunInfo, sinks: list[Sink], cancelled) 
         ev = next(events, None)
         if ev is None:
             break
+        if ev.step < at:  # a continuation's steps before it are the parent's, computed again exactly
+            continue
         if latents is None:  # what came before the first step was prompt encoding and latent set-up
             info.timings["prepare"] = round(time.perf_counter() - began - ev.seconds, 4)
         latents = ev.latents
-        due = previewer is not None and ((ev.step - ev.first_step) % req.frames_every == 0
-                                         or ev.step == ev.total_steps)
+        due = previewer is not None and ((ev.step - at) % req.frames_every == 0 or ev.step == ev.total_steps)
         step = Step(ev, previewer(ev) if due else None)
         info.timings["steps"].append(round(ev.seconds, 4))
         for sink in sinks:
             sink.step(step)
+        if ev.step == req.stop_at_step:
+            break
     for sink in sinks:
         sink.steps_done(info)
+    if req.stop_at_step is not None:
+        return None
     decode_started = time.perf_counter()
     image = vae_decode(ready.pipe, latents, info.recoveries)
     info.timings["decode"] = round(time.perf_counter() - decode_started, 4)
@@ -192,7 +205,7 @@ def _denoise(req, ready: Prepared, info: RunInfo, sinks: list[Sink], cancelled) 
 # ------------------------------------------------------------------------------------------ phase 2: the model
 
 
-def prepare(req, source: ModelSource, inputs: Inputs, previews: bool = True) -> Prepared:
+def prepare(req, source: ModelSource, inputs: Inputs, previews: bool = True, continuation=None) -> Prepared:
     """Load (cached) the pipeline REQ asks for, make the checks that need it, build the hooks (and, with
     PREVIEWS, the frame decoder). Writes nothing."""
     from ..models.loader import quiet_libraries
@@ -208,7 +221,7 @@ def prepare(req, source: ModelSource, inputs: Inputs, previews: bool = True) -> 
     pipe = load_pipeline(source, device, resolve_dtype(req.dtype, device), speed)
     width, height = size_of(pipe, req, inputs)
     check_against_model(pipe, req, width, height)
-    hooks = hooks_for(pipe, req, inputs)
+    hooks = hooks_for(pipe, req, inputs, continuation)
     mode = preview_mode(req, pipe)
     wanted = previews and mode != "none"
     previewer = Previewer(pipe, mode, req.frame_source, req.taesd) if wanted else None
@@ -265,20 +278,44 @@ def check_against_model(pipe, req, width: int, height: int) -> None:
                        f"({str(e).splitlines()[0]})") from None
 
 
-def hooks_for(pipe, req, inputs: Inputs) -> list:
-    """The loop's hooks for REQ's interventions, in the order they act."""
-    from ..core.hooks import ImagePrompt, NoiseInjection, StartFromPicture
+def hooks_for(pipe, req, inputs: Inputs, continuation=None) -> list:
+    """The loop's hooks for REQ's interventions, in the order they act. For a continuation, the parent's before
+    its step (the injections, the prompt editing), REQ's from it, and the parent's saved state to start from."""
+    from ..core.hooks import ChangeAt, ImagePrompt, StartFromPicture
 
+    base = continuation.parent if continuation else req
+    at = continuation.at if continuation else req.first_step
+    resume = continuation is not None and continuation.state is not None
     hooks = []
     picture = inputs.get("init_image") or inputs.get("start_image")
-    if picture is not None:
+    if picture is not None and not resume:
         hooks.append(StartFromPicture(picture))
-    if req.prompt_image is not None:
+    if base.prompt_image is not None:
         from ..models.clip import embedder_for
 
-        embedder = embedder_for(pipe, req.clip_model)  # loads it; its width must be the UNet's cross-attention's
-        hooks.append(ImagePrompt(embedder, inputs.get("prompt_image"), req.image_weight))
-    if req.inject_steps:
-        pattern = req.mask if req.mask_is_pattern else None
-        hooks.append(NoiseInjection(req.inject_steps, req.noise_strength, req.seed, pattern, inputs.get("mask")))
+        embedder = embedder_for(pipe, base.clip_model)  # loads it; its width must be the UNet's cross-attention's
+        hooks.append(ImagePrompt(embedder, inputs.get("prompt_image"), base.image_weight))
+    hooks += _injection(base, inputs, lambda k: k < at) + _injection(req, inputs, lambda k: k >= at)
+    if continuation is not None:
+        changed = {name: getattr(req, field) for name, field in (("prompt", "prompt"), ("negative", "negative_prompt"),
+                   ("guidance", "guidance"), ("seed", "seed")) if getattr(req, field) != getattr(base, field)}
+        if changed:
+            hooks.append(ChangeAt(at, **changed))
+    hooks += [ChangeAt(k, prompt=text) for k, text in base.prompt_at if k < at]
+    hooks += [ChangeAt(k, prompt=text) for k, text in req.prompt_at if k >= at]
+    if resume:
+        from ..core.hooks import Resume
+        from ..core.state import load
+
+        hooks.append(Resume(at, *load(continuation.state)))
     return hooks
+
+
+def _injection(req, inputs: Inputs, when) -> list:
+    from ..core.hooks import NoiseInjection
+
+    steps = [k for k in req.inject_steps if when(k)]
+    if not steps:
+        return []
+    pattern = req.mask if req.mask_is_pattern else None
+    return [NoiseInjection(steps, req.noise_strength, req.seed, pattern, inputs.get("mask"))]

@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import platform
+import shutil
 import socket
 import tempfile
 import threading
@@ -30,12 +31,15 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import BadInput, SdstreamError
-from .files import FrameWriter, atomic_write, new_dir, save_image, slug, write_json
+from .files import Writer, atomic_write, new_dir, picture_encoder, save_image, slug, write_json
 from .sinks import Outcome, RunInfo, Sink, Step, error_text
 
 MANIFEST = "run.json"
 FINAL = "final.png"
 FRAMES = "frames"
+TENSORS = "tensors"  # tensors/step-NNNN.safetensors: --save-tensors
+STATE = "state"  # state/step-NNNN.safetensors: what to continue from after step NNNN
+TENSOR_NOTICE_BYTES = 256 * 2**20  # --save-tensors says how much it will write past this
 FLUSH_SECONDS = 1.0  # run.json is rewritten during a run at most this often (frames so far, heartbeat)
 RESERVE = 4096  # trailing spaces in run.json: room for its last word when the disk is full
 
@@ -220,24 +224,32 @@ class RunFolder(Sink):
 
     pictures = True
 
-    def __init__(self, path: str | Path | None = None, overwrite: bool = False, root: Path = Path("outputs")):
+    def __init__(self, path: str | Path | None = None, overwrite: bool = False, root: Path = Path("outputs"),
+                 resume: bool = False):
         self.path = Path(path) if path is not None else None
-        self.overwrite, self.root = overwrite, root
+        self.overwrite, self.root, self.resume = overwrite, root, resume  # resume: go on in the run's own folder
         self._fd: int | None = None
         self._created = False
-        self._written: list[tuple[int, str]] = []  # (step, file) of frames on disk, from the writer's threads
+        self._written: list[tuple[str, int, str]] = []  # (kind, step, file) on disk, from the writer's threads
         self._written_lock = threading.Lock()
         self._timesteps: dict[int, int] = {}
         self.manifest: dict = {}
-        self.writer: FrameWriter | None = None
+        self.writer: Writer | None = None
 
     # ---------------------------------------------------------------- before the model loads
 
-    def check(self) -> None:
+    def check(self, locked_by_us: bool = False) -> None:
         if self.path is None:
             probe_writable(self.root)
+        elif self.resume:  # its own folder: sdstream's, holding only what it listed, and not being written
+            manifest = _read_manifest(self.path)
+            foreign = foreign_entries(self.path, listed_files(manifest)) if manifest else ["no run.json of sdstream's"]
+            if foreign:
+                raise BadInput(f"run {str(self.path)!r} holds files sdstream did not write ({', '.join(foreign[:3])})")
+            if not locked_by_us and is_locked(self.path):
+                raise BadInput(f"run {str(self.path)!r} is being written by another sdstream run right now")
         else:
-            check_folder(self.path, self.overwrite)
+            check_folder(self.path, self.overwrite, locked_by_us=locked_by_us)
 
     def claim(self, req) -> None:
         """Check, create and lock the folder (a default one is new and unique). BadInput when it can't be this run's."""
@@ -254,7 +266,7 @@ class RunFolder(Sink):
         self._fd = lock(self.path)
         if self._fd is None:
             raise BadInput(f"--out {str(self.path)!r} is being written by another sdstream run right now")
-        check_folder(self.path, self.overwrite, locked_by_us=True)  # again, now that nobody else can change it
+        self.check(locked_by_us=True)  # again, now that nobody else can change it
 
     def release(self) -> None:
         """Unlock; a folder this run created and never wrote into is removed again (a failed load writes nothing)."""
@@ -267,39 +279,112 @@ class RunFolder(Sink):
     # ---------------------------------------------------------------- the sink
 
     def start(self, info: RunInfo) -> None:
-        path, req = self.path, info.request
-        info.run_dir = path
+        path, req, cont = self.path, info.request, info.continuation
+        info.run_dir, self._info = path, info
         earlier = _read_manifest(path)
-        if earlier is not None and self.overwrite:
+        in_place = cont is not None and cont.in_place
+        if earlier is not None and self.overwrite and not in_place:
             clear(path, earlier)
-        manifest = _manifest(info)
         try:
-            self.manifest = manifest
+            self.manifest = _manifest(info)
+            if in_place:  # resume: what the run wrote so far stays its own
+                self._keep(earlier, cont.at)
             self.flush()  # run.json first: a folder with anything in it says whose it is
             if info.preview != "none":
                 (path / FRAMES).mkdir(exist_ok=True)
-                self.writer = FrameWriter(path / FRAMES, req.frame_format, written=self._frame_written,
-                                          size=frame_size(req.frame_size, info.width, info.height))
+            if cont is not None and not in_place:
+                self._link_parent_frames(cont)
+            self.writer = Writer(written=self._file_written)
         except OSError as e:  # a full or read-only disk before the first step: nothing half made stays behind
             self.manifest, self.writer = {}, None
-            (path / MANIFEST).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                (path / FRAMES).rmdir()
+            if not in_place:
+                (path / MANIFEST).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    (path / FRAMES).rmdir()
             raise SdstreamError(f"cannot write the run folder {str(path)!r}: {e.strerror or e}") from None
+        self._frame = picture_encoder(req.frame_format or "png", frame_size(req.frame_size, info.width, info.height))
+        self._state, self._state_written = None, None
 
-    def _frame_written(self, step: int, file: Path) -> None:
+    def _keep(self, earlier: dict, at: int) -> None:
+        for kind in ("frames", "tensors", "states"):
+            for entry in earlier.get(kind) or ():
+                if entry["step"] < at:
+                    self._written.append((kind, entry["step"], entry["file"]))
+                    self._timesteps[entry["step"]] = entry.get("timestep")
+        for key in ("created", "injected_at"):
+            if key in earlier:
+                self.manifest[key] = earlier[key]
+        self.manifest["resumed"] = [*earlier.get("resumed", []), {"at_step": at, "time": _now()}]
+
+    def _link_parent_frames(self, cont) -> None:
+        """A branch's frames before its step are its parent's: linked (copied where links can't be), not redrawn."""
+        for entry in cont.frames:
+            source, target = cont.parent_dir / entry["file"], self.path / FRAMES / Path(entry["file"]).name
+            if not source.is_file() or source.is_symlink():
+                continue
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
+            self._written.append(("frames", entry["step"], f"{FRAMES}/{target.name}"))
+            self._timesteps[entry["step"]] = entry.get("timestep")
+
+    def _file_written(self, kind: str, step: int, file: Path) -> None:
         with self._written_lock:
-            self._written.append((step, f"{FRAMES}/{file.name}"))
+            self._written.append((kind, step, str(file.relative_to(self.path))))
 
     def step(self, step: Step) -> None:
-        ev = step.event
-        if step.picture is not None and self.writer is not None:
-            step.frame = self.writer.submit(ev.step, step.picture)
+        ev, req = step.event, self.manifest_request
+        if step.picture is not None:
+            step.frame = self.writer.submit(self.path / FRAMES / f"step-{ev.step:04d}.{req.frame_format}",
+                                            step.picture, self._frame, "frames", ev.step)
             self._timesteps[ev.step] = ev.timestep
+        if req.save_tensors:
+            if ev.step == ev.first_step:
+                self._warn_size(ev, req)
+            self._save_tensors(ev, req)
+        self._state = ev.state()  # the latest, kept on the device: written at every step with --save-state, and
+        if req.save_state:  # always when the run stops before its end
+            self._write_state()
         if ev.injected:
             self.manifest["injected_at"].append(ev.step)
         if time.monotonic() - self._flushed > FLUSH_SECONDS:
             self.flush()
+
+    @property
+    def manifest_request(self):
+        return self._info.request
+
+    def _save_tensors(self, ev, req) -> None:
+        import torch
+
+        dtype = ev.latents.dtype if req.tensor_dtype == "run" else getattr(torch, {
+            "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[req.tensor_dtype])
+        sources = {"latents": ev.latents, "x0": ev.denoised, "eps": ev.eps, "eps-cond": ev.eps_cond,
+                   "eps-uncond": ev.eps_uncond}
+        tensors = {name: sources[name][0].to(dtype) for name in req.save_tensors if sources[name] is not None}
+        meta = {"step": str(ev.step), "timestep": str(ev.timestep), "dtype": str(dtype).removeprefix("torch.")}
+        self.path.joinpath(TENSORS).mkdir(exist_ok=True)
+        self.writer.submit(self.path / TENSORS / f"step-{ev.step:04d}.safetensors", tensors,
+                           lambda t, meta=meta: _safetensors(t, meta), "tensors", ev.step)
+
+    def _warn_size(self, ev, req) -> None:
+        per_step = sum(ev.latents[0].numel() for name in req.save_tensors if name != "eps-uncond" or ev.eps_uncond
+                       is not None) * (4 if req.tensor_dtype == "fp32" else 2)
+        total = per_step * (ev.total_steps - ev.first_step + 1)
+        if total > TENSOR_NOTICE_BYTES:
+            self._info.notices.append(f"--save-tensors will write about {total / 2**20:.0f} MB into {self.path}")
+
+    def _write_state(self) -> None:
+        from ..core.state import encode
+
+        if self._state is None or self._state_written == self._state[1]["step"]:
+            return
+        tensors, meta = self._state
+        self.path.joinpath(STATE).mkdir(exist_ok=True)
+        self.writer.submit(self.path / STATE / f"step-{meta['step']:04d}.safetensors", tensors,
+                           lambda t, meta=meta: encode(t, meta), "states", meta["step"])
+        self._state_written = meta["step"]
 
     def flush(self) -> None:
         """Rewrite run.json with what is on disk now (and a heartbeat).
@@ -309,10 +394,12 @@ class RunFolder(Sink):
         so that a run that failed for lack of space still says so."""
         m = self.manifest
         with self._written_lock:
-            written = sorted(self._written)
-        m["frames"] = [{"step": s, "timestep": self._timesteps.get(s), "file": f} for s, f in written]
-        made = [FRAMES + "/"] if (self.path / FRAMES).is_dir() else []
-        m["files"] = sorted({MANIFEST, *made, *(f for _, f in written), *([m["image"]] if m["image"] else [])})
+            written = sorted(self._written, key=lambda w: (w[0], w[1]))
+        for kind in ("frames", "tensors", "states"):
+            m[kind] = [{"step": step, **({"timestep": self._timesteps.get(step)} if kind == "frames" else {}),
+                        "file": file} for k, step, file in written if k == kind]
+        made = [f"{d}/" for d in (FRAMES, TENSORS, STATE) if (self.path / d).is_dir()]
+        m["files"] = sorted({MANIFEST, *made, *(f for _, _, f in written), *([m["image"]] if m["image"] else [])})
         m["updated"] = _now()
         text = (json.dumps(m, indent=2) + "\n").encode()
         try:
@@ -324,7 +411,7 @@ class RunFolder(Sink):
 
     def finish(self, info: RunInfo | None, outcome: Outcome) -> None:
         try:
-            if self.manifest:  # the run started: frames first, then the picture, then the truth in run.json
+            if self.manifest:  # the run started: files first, then the picture, then the truth in run.json
                 self._finish(info, outcome)
         finally:
             self.release()
@@ -332,6 +419,8 @@ class RunFolder(Sink):
     def _finish(self, info: RunInfo, outcome: Outcome) -> None:
         failure = None
         try:
+            if outcome.status != "complete":
+                self._write_state()  # what it takes to go on from the last step done
             if self.writer is not None:
                 self.writer.close()
             if outcome.status == "complete":
@@ -343,13 +432,20 @@ class RunFolder(Sink):
                 outcome.status, outcome.error = "failed", e
         error = outcome.error
         self.manifest.update(status=outcome.status, error=error_text(error) if error else None,
-                             timings=info.timings, recoveries=info.recoveries, finished=_now())
+                             timings=info.timings, recoveries=info.recoveries, measures=info.measures,
+                             finished=_now())
         self.flush()
         outcome.frames = len(self.manifest["frames"])
         outcome.image_path = self.path / FINAL if outcome.status == "complete" else None
         outcome.manifest_path = self.path / MANIFEST
         if failure is not None and outcome.error is failure:
             raise failure
+
+
+def _safetensors(tensors: dict, meta: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
 
 
 def frame_size(longer: int | None, width: int, height: int) -> tuple[int, int]:
@@ -365,7 +461,7 @@ def _manifest(info: RunInfo) -> dict:
     import torch
     import transformers
 
-    req, model = info.request, info.model
+    req, model, cont = info.request, info.model, info.continuation
     return {
         "sdstream": __version__,
         "status": "running",
@@ -393,6 +489,11 @@ def _manifest(info: RunInfo) -> dict:
         },
         "timings": info.timings,
         "frames": [],
+        "tensors": [],  # --save-tensors: [{step, file}], each file holding the step's tensors by name
+        "states": [],  # [{step, file}]: what to continue from after that step
+        "measures": None,  # per step (record.sinks.Measures), once the steps are done
+        "branch": None if cont is None or cont.in_place else {"parent": str(cont.parent_dir), "at_step": cont.at,
+                                                              "from_state": cont.state is not None},
         "image": None,
         "files": [MANIFEST],
         "process": {"pid": os.getpid(), "host": socket.gethostname()},
@@ -415,11 +516,19 @@ def a1111_parameters(req, width: int, height: int, model: str) -> str:
     for name, opt in OPTIONS.items():
         value = req.inject_steps if name == "inject_at_step" else getattr(req, name)
         if opt.a1111 and opt.a1111 not in fields and value not in (None, (), "") and (name != "eta" or value):
+            if opt.kind == "pairs":
+                value = "; ".join(f"{k}:{text}" for k, text in value)
             fields[opt.a1111] = (f"{value:g}" if isinstance(value, float) else
                                  " ".join(map(str, value)) if isinstance(value, tuple) else value)
     fields.update(Size=f"{width}x{height}", Model=model)
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items()))
     return "\n".join(lines)
+
+
+def _quote(value) -> str:
+    """A value as A1111 writes it: in JSON quotes when it holds a comma, a colon or a line break."""
+    text = str(value)
+    return json.dumps(text) if any(c in text for c in ",:\n") else text
 
 
 def pnginfo(info: RunInfo):
@@ -474,6 +583,25 @@ class RunRecord:
         first = self.manifest.get("first_step") or 1
         total = self.manifest.get("total_steps") or self.frames[-1].step
         return (frame.step - first + 1) / max(1, total - first + 1)
+
+    def tensors(self, step: int) -> dict:
+        """STEP's tensors (--save-tensors) as a dict of name -> torch tensor: latents, x0, eps, eps-cond, eps-uncond."""
+        from safetensors.torch import load_file
+
+        entry = next((e for e in self.manifest.get("tensors") or () if e.get("step") == step), None)
+        if entry is None:
+            kept = [e["step"] for e in self.manifest.get("tensors") or ()]
+            raise BadInput(f"run {str(self.dir)!r} kept no tensors of step {step}" +
+                           (f" (it kept steps {kept[0]}-{kept[-1]})" if kept else " (it ran without --save-tensors)"))
+        path = self.dir / entry["file"]
+        if not path.resolve().is_relative_to(self.dir.resolve()) or not path.is_file():
+            raise BadInput(f"run {str(self.dir)!r}: {entry['file']!r} is not in the run folder")
+        return load_file(str(path))
+
+    @property
+    def measures(self) -> dict:
+        """The per-step measures (x0_change, guidance_gap, latent_std, injected_rms, with their steps)."""
+        return self.manifest.get("measures") or {}
 
     def frame(self, step: int):
         """The picture of STEP as a PIL image (RGB)."""
@@ -532,5 +660,6 @@ def read_run(run_dir: str | Path, *, need_frames: bool = True) -> RunRecord:
 
 
 def open_run(run_dir: str | Path) -> RunRecord:
-    """A finished (or stopped, or failed) run folder, for scripts: .manifest, .steps, .frame(step)."""
+    """A finished (or stopped, or failed) run folder, for scripts: .manifest, .steps, .frame(step),
+    .tensors(step), .measures, .status."""
     return read_run(run_dir, need_frames=False)

@@ -33,6 +33,9 @@ class RunInfo:
                                                    "total": None})
     recoveries: list = field(default_factory=list)  # safe fixes applied on the way: vae_tiled_retry, vae_fp32_retry
     run_dir: Path | None = None  # set by the run folder's sink, when there is one
+    continuation: object | None = None  # record.continuation.Continuation, for a branch or a resumed run
+    measures: dict | None = None  # per step (record.sinks.Measures), once the steps are done
+    notices: list = field(default_factory=list)  # what a person should know (how much --save-tensors will write)
 
     def to_dict(self) -> dict:
         return {"event": "start", "run_dir": str(self.run_dir) if self.run_dir else None, "seed": self.request.seed,
@@ -121,6 +124,49 @@ class CallableSink(Sink):
 
 def as_sink(sink) -> Sink:
     return sink if isinstance(sink, Sink) else CallableSink(sink)
+
+
+class Measures(Sink):
+    """Per-step measures of the trajectory, computed on the device and read once, after the last step (or when the
+    run ends early): no per-step sync.
+
+      x0_change      |x0 - the previous step's x0| / |x0|: how much the picture-to-be still moves
+      guidance_gap   the root mean square of eps_cond - eps_uncond: how much the prompt pulls (null unguided)
+      latent_std     the standard deviation of the latents
+      injected_rms   the root mean square of the noise injected before the step (0 where none was)
+    """
+
+    NAMES = ("x0_change", "guidance_gap", "latent_std", "injected_rms")
+
+    def start(self, info: RunInfo) -> None:
+        self.rows, self.steps, self.previous = [], [], None
+
+    def step(self, step: Step) -> None:
+        import torch
+
+        ev = step.event
+        x0 = ev.denoised.float()
+        nan = torch.full((), float("nan"), device=x0.device)
+        change = nan if self.previous is None else (x0 - self.previous).norm() / x0.norm().clamp_min(1e-12)
+        gap = nan if ev.eps_uncond is None else (ev.eps_cond.float() - ev.eps_uncond.float()).pow(2).mean().sqrt()
+        injected = ev.injected_rms if ev.injected_rms is not None else torch.zeros((), device=x0.device)
+        self.rows.append(torch.stack([change, gap, ev.latents.float().std(), injected.float()]))
+        self.steps.append(ev.step)
+        self.previous = x0
+
+    def steps_done(self, info: RunInfo) -> None:
+        if info is None or info.measures is not None or not getattr(self, "rows", None):
+            return
+        import math
+
+        import torch
+
+        values = torch.stack(self.rows).cpu().tolist()  # the one read of the run
+        info.measures = {"steps": self.steps, **{name: [None if math.isnan(row[i]) else round(row[i], 6)
+                                                         for row in values] for i, name in enumerate(self.NAMES)}}
+
+    def finish(self, info: RunInfo | None, outcome: Outcome) -> None:
+        self.steps_done(info)  # a run that ended early keeps the measures of its steps
 
 
 class NanCheck(Sink):

@@ -20,7 +20,7 @@ from ..errors import BadInput
 from ..request import OPTIONS, from_values
 
 _TYPES = {"text": str, "int": int, "float": float, "flag": bool, "steps": int | list[int], "picture": str,
-          "choice": str}
+          "choice": str, "names": list[str], "pairs": list[str]}  # pairs: "K:TEXT" strings
 SERVED = {name: opt for name, opt in OPTIONS.items() if opt.served}
 
 
