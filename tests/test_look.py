@@ -64,14 +64,19 @@ def test_sheet_is_a_grid_of_cells(runs, tmp_path, cli):
     code, stdout, stderr = cli("sheet", str(a), "--steps", "1,2,5,8", "--columns", "3", "--size", "48", "-o", str(out),
                                "--json")
     assert code == 0, stderr
-    assert json.loads(stdout)["steps"] == [1, 2, 5, 8]
-    cell_w, cell_h = 48, 48 + draw.LABEL_H
+    info = json.loads(stdout)
+    assert info["steps"] == [1, 2, 5, 8] and (info["columns"], info["rows"]) == (3, 2)
+    cell_w, cell_h = info["cell"]
+    assert cell_w == 48 and cell_h > 48  # the picture, and its label strip under it
     with Image.open(out) as im:
-        assert im.size == (3 * cell_w + 4 * draw.GAP, 2 * cell_h + 3 * draw.GAP)
+        grid_h = 2 * cell_h + 3 * draw.GAP
+        assert im.size[0] == 3 * cell_w + 4 * draw.GAP and im.size[1] > grid_h  # a title line above the grid
+        assert im.size == (info["width"], info["height"])
 
     made = sheet.make_sheet(a, count=3, size=32, out=tmp_path / "s3.png")
-    assert made.steps == [1, 5, 8]
-    assert made.size == (2 * 32 + 3 * draw.GAP, 2 * (32 + draw.LABEL_H) + 3 * draw.GAP)
+    assert made.steps == [1, 5, 8] and made.picture == (32, 32)
+    assert made.size[0] == 2 * made.cell[0] + 3 * draw.GAP
+    assert made.boxes[2][1] - made.boxes[0][1] == made.cell[1] + draw.GAP  # the third cell starts the second row
 
     assert "step 9" in _error_line(cli("sheet", str(a), "--steps", "1,9", "-o", str(tmp_path / "n.png")))
 
@@ -87,7 +92,9 @@ def test_compare_identical_runs_differ_nowhere(runs, tmp_path, cli):
     assert json.loads((out / "compare.json").read_text()) == result
     assert len(list((out / "diff").glob("step-*.png"))) == STEPS
     with Image.open(out / "compare.gif") as im:
-        assert im.n_frames >= 1 and im.width == 3 * 32 + 4 * draw.GAP
+        assert im.n_frames >= 1 and im.width == 3 * result["cell"][0] + 4 * draw.GAP  # A, B and |B - A|
+    assert 32 <= result["cell"][0] <= 64
+    assert result["letters"] == ["A", "B"] and result["labels"] == ["a", "b"]  # same options: named by folder
     assert (out / "sheet.png").is_file()
     # a non-empty --out is refused
     assert "not empty" in _error_line(cli("compare", str(a), str(b), "--out", str(out)))

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BadInput
-from ..record.rundir import read_run, register_files
+from ..record.rundir import read_run
 from .draw import (
     HOLD_SECONDS,
     _check_animation,
     _check_size,
     _check_target,
     _resolve_format,
+    badge_text,
+    cells,
     durations_ms,
     every_nth,
+    frame_label,
+    image_size,
+    injections,
     open_frame,
+    register_if_in_run,
     save_animation,
 )
 
@@ -26,6 +32,7 @@ class Animation:
     steps: list[int]  # one picture per step, in order
     size: tuple[int, int]
     durations_ms: list[int]  # the last one includes the hold
+    injected: list[int] = field(default_factory=list)  # the steps whose picture carries the noise badge
 
 
 def make_animation(
@@ -39,13 +46,18 @@ def make_animation(
     loop: bool = True,
     hold: float = HOLD_SECONDS,
     overwrite: bool = False,
+    caption: bool = False,
+    badge: bool = True,
 ) -> Animation:
-    """Animate a run's frames into RUN_DIR/animation.<fmt> (or OUT).
+    """Animate a run's frames into RUN_DIR/animation.<fmt> (or OUT, ending in .gif or .webp).
 
-    One picture per chosen frame (every EVERY-th recorded frame, the last always); each shows for
-    1/FPS s and the last for HOLD s longer. Consecutive identical pictures may be merged by the
-    encoder (their display times add up). FMT None: from OUT's suffix, else gif. SIZE scales the
-    longer side. Refuses to replace an existing file unless OVERWRITE.
+    One picture per chosen frame (every EVERY-th recorded frame, the last and the ones that show an injection
+    always); each shows for 1/FPS s, the last for HOLD s longer and those that show an injection (with BADGE)
+    for INJECT_HOLD s longer. Consecutive identical pictures may be merged
+    by the encoder (their display times add up). FMT None: from OUT's suffix, else gif. Pictures are at the
+    run's image size (frames at latent size are enlarged smoothly), or SIZE on their longer side. BADGE marks
+    the frames that show an injection of noise; CAPTION adds 'step N · t=T' under each. Refuses to replace an
+    existing file unless OVERWRITE.
     """
     out_path = None if out is None else Path(out)
     fmt = _resolve_format(fmt, out_path)
@@ -57,11 +69,15 @@ def make_animation(
     out_path = out_path or run.dir / f"animation.{fmt}"
     _check_target(out_path, overwrite)
 
-    chosen = every_nth(run.frames, every)
-    pictures = [open_frame(f, size) for f in chosen]
-    durations = durations_ms(len(pictures), fps, hold)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    marks = injections(run) if badge else {}
+    kept = {f.step for f in every_nth(run.frames, every)} | set(marks)
+    chosen = [f for f in run.frames if f.step in kept]
+    native = image_size(run)
+    pictures = [open_frame(f, size, native) for f in chosen]
+    badges = [badge_text(f.step, marks[f.step]) if f.step in marks else None for f in chosen]
+    pictures = cells(pictures, [frame_label(f) for f in chosen] if caption else None, badges)
+    durations = durations_ms(len(pictures), fps, hold, {i for i, b in enumerate(badges) if b})
     save_animation(pictures, out_path, fmt, durations, loop)
-    if out_path.parent.resolve() == run.dir.resolve():  # a file in the run folder is listed as the run's own
-        register_files(run.dir, [out_path.name])
-    return Animation(out_path, [f.step for f in chosen], pictures[0].size, durations)
+    register_if_in_run(out_path)
+    return Animation(out_path, [f.step for f in chosen], pictures[0].size, durations,
+                     [f.step for f, b in zip(chosen, badges) if b])
