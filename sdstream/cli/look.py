@@ -277,6 +277,7 @@ def _summary(run):
 
     from ..request import OPTIONS
     from ..views.draw import sparkline
+    from ..views.plot import SETTLED, settling_step
 
     m = run.manifest
     req = m.get("request") or {}
@@ -316,6 +317,10 @@ def _summary(run):
             continue
         row(name.replace("_", " "), ", ".join(map(str, value)) if isinstance(value, list) else value)
     row("injected at", ", ".join(map(str, m.get("injected_at") or [])))
+    settles = settling_step(m.get("measures") or {})
+    if m.get("measures"):
+        row("x0 settles", f"at step {settles} (changes under {SETTLED:.0%} a step from there on)" if settles else
+            "not within the run")
     n_frames = len(m.get("frames") or [])
     frames_note = f"{n_frames}" + (f" ({len(run.missing)} missing on disk)" if run.missing else "")
     row("frames", frames_note if n_frames else "none")

@@ -19,7 +19,7 @@ PANELS = (  # (measure, title, y label, log scale)
     ("latent_std", "latent spread", "std(latents)", False),
     ("injected_rms", "noise injected", "rms(noise)", False),
 )
-SETTLED = 0.02  # x0 has settled once it changes by less than this from step to step, for good
+SETTLED = 0.05  # x0 has settled once it changes by less than this from step to step, for good
 
 
 def settling_step(measures: dict, threshold: float = SETTLED) -> int | None:
