@@ -11,7 +11,7 @@ set -euo pipefail
 
 MODEL=${MODEL:-tiny}
 STEPS=${STEPS:-20}
-STRENGTHS=${STRENGTHS:-"0.2 0.4 0.6 0.8 1.0"}
+STRENGTHS=${STRENGTHS:-"0.25 0.5 0.75 1.0"}
 SEED=${SEED:-1}
 PROMPT=${1:-"a white triangle on a black background"}
 OUT=${OUT:-outputs/strength-sweep}

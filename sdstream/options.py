@@ -33,7 +33,7 @@ class Option:
     choices: Callable[[], Sequence[str]] | None = None  # the allowed names (from a registry, read when needed)
     canonical: Callable[[str], str | None] | None = None  # an alias -> its name (None: not a choice)
     or_picture: bool = False  # a choice that may also be a picture file (--mask)
-    needs: str | None = None  # "mask" (given), "scheduler=ddim", "preview!=none": refused without it
+    needs: str | None = None  # "mask" (given), "scheduler=ddim|auto", "preview!=none": refused without it
     short: str | None = None  # "-p"
     long: str | None = None  # the flag, where it is not the name with dashes (--from for from_run)
     metavar: str | None = None
@@ -191,13 +191,13 @@ class Option:
         have = values.get(other)
         if wanted is None:
             return have is not None and have != ()
-        return (have != wanted) if negated else (have == wanted)
+        return (have not in wanted.split("|")) if negated else (have in wanted.split("|"))
 
     def needs_text(self, options: dict[str, Option]) -> str:
         """What the option needs, as the user would type it: '--mask', '--scheduler ddim', 'frames'."""
         other, wanted, negated = self.need()
-        flag = options[other].flag
-        if wanted is None:
+        flag, wanted = options[other].flag, (wanted or "").split("|")[0]  # (the first of alternatives: the one to give)
+        if not wanted:
             return flag
         return f"a {flag} other than {wanted}" if negated else f"{flag} {wanted}"
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 
 from . import masks
-from .core.schedulers import SCHEDULERS, canonical_scheduler, schedule_length
+from .core.schedulers import SCHEDULERS, canonical_scheduler, order, schedule_length
 from .errors import BadInput
 from .options import Option, option, options_of
 
@@ -66,10 +66,12 @@ class GenerationRequest:
         None, "An alias (see `sdstream models`), a Hugging Face repo id or a local diffusers folder.", MODEL,
         short="-m", metavar="M", shown_default="$SDSTREAM_MODEL or compressibility")
     steps: int = option(20, "Denoising steps, 1-500.", MODEL, range=(1, MAX_STEPS), metavar="N", a1111="Steps")
-    scheduler: str = option("ddim", "How each step moves the latent: " + ", ".join(SCHEDULERS) + ".", MODEL,
-                            kind="choice", choices=lambda: SCHEDULERS, canonical=canonical_scheduler, metavar="S")
+    scheduler: str = option("auto", "How each step moves the latent: " + ", ".join(SCHEDULERS) + "; auto: the model "
+                            "family's own (ddim for SD 1.x/2.x and SDXL, flow-euler for SD3 and FLUX).", MODEL,
+                            kind="choice", choices=lambda: ("auto", *SCHEDULERS), canonical=canonical_scheduler,
+                            metavar="S")
     eta: float | None = option(0.0, "DDIM's eta, 0-1: 0 is deterministic, 1 adds DDPM's noise at every step.",
-                               MODEL, range=(0, 1), needs="scheduler=ddim", metavar="E", a1111="Eta")
+                               MODEL, range=(0, 1), needs="scheduler=ddim|auto", metavar="E", a1111="Eta")
     width: int | None = option(None, "Width in pixels, a multiple of the VAE factor.", MODEL, kind="int",
                                range=(8, 4096), metavar="W", shown_default="the model's, or the start picture's")
     height: int | None = option(None, "Height in pixels, a multiple of the VAE factor.", MODEL, kind="int",
@@ -198,7 +200,7 @@ class GenerationRequest:
         img2img runs int(steps * strength) steps, starting at t_start * order (get_timesteps)."""
         if self.init_image is not None:
             t_start = self.steps - min(int(self.steps * self.strength), self.steps)
-            return t_start * SCHEDULERS[self.scheduler].order + 1
+            return t_start * order(self.scheduler) + 1
         if self.start_image is not None:
             return self.start_step
         return 1

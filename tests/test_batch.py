@@ -157,8 +157,6 @@ def test_plain_text_prompts_take_the_command_line_defaults(cli, prompts, monkeyp
             "frames_every": 2}
         assert [f["step"] for f in m["frames"]] == [1, 3] and (d / "animation.gif").is_file()
     # the model was loaded once: the later runs found it in the cache
-    loads = [manifest(d)["timings"]["load"] for d in dirs]
-    assert all(t < 0.05 for t in loads[1:]), loads
     from sdstream.models.loader import loaded_models
 
     assert sum(key[0].startswith("tiny:") for key in loaded_models()) == 1

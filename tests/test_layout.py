@@ -53,11 +53,12 @@ def test_no_import_cycles():
 
 def test_the_loop_knows_no_files_loading_or_vocabulary():
     loop = imports(PACKAGE / "core" / "loop.py", module_level_only=False)
-    assert loop <= {"sdstream.core.schedulers", "sdstream.core.state"}, loop
+    assert loop <= {"sdstream.core.schedulers", "sdstream.core.state", "sdstream.core.families"}, loop
     hooks = imports(PACKAGE / "core" / "hooks.py", module_level_only=False)
-    assert hooks <= {"sdstream.core.loop", "sdstream.core.state", "sdstream.inputs", "sdstream.masks",
-                     "sdstream.models.clip"}, hooks
+    assert hooks <= {"sdstream.core.loop", "sdstream.core.state", "sdstream.core.families.base", "sdstream.inputs",
+                     "sdstream.masks", "sdstream.models.clip"}, hooks
+    core = PACKAGE / "core"
+    sources = [core / "loop.py", core / "hooks.py", *(core / "families").glob("*.py")]
     calls = {node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-             for name in ("loop.py", "hooks.py") for node in ast.walk(ast.parse((PACKAGE / "core" / name).read_text()))
-             if isinstance(node, ast.Call)}
+             for path in sources for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)}
     assert not calls & {"open", "Path", "from_pretrained", "load_pipeline", "write_text", "save", "mkdir"}, calls

@@ -12,6 +12,7 @@ from PIL import Image
 
 import sdstream
 from sdstream import masks
+from sdstream.core.families import family_of
 from sdstream.core.hooks import NoiseInjection
 from sdstream.core.loop import Run
 from sdstream.core.schedulers import make_scheduler
@@ -58,8 +59,8 @@ def test_injection_adds_noise_only_inside_the_mask(tiny):
     req = GenerationRequest(model="tiny", mask="left-half", seed=1).validated()
     scheduler = make_scheduler("ddim", tiny.scheduler.config)
     scheduler.set_timesteps(10)
-    run = Run(tiny, req, 32, 32, scheduler, torch.Generator().manual_seed(1), torch.device("cpu"), torch.float32,
-              latents=torch.zeros(1, 4, 16, 16))
+    run = Run(tiny, family_of(tiny), req, 32, 32, scheduler, torch.Generator().manual_seed(1), torch.device("cpu"),
+              torch.float32, latents=torch.zeros(1, 4, 16, 16))
     hook = NoiseInjection((3,), 1.0, 1, pattern="left-half")
     hook.on_start(run)
     hook.before_step(run, 2, scheduler.timesteps[1])
@@ -113,14 +114,14 @@ def test_cancel_keeps_frames_and_marks_interrupted(tiny, tmp_path):
 
 
 def test_disk_full_while_writing_frames_fails_the_run_clearly(tiny, tmp_path, monkeypatch):
-    real = files.save_image
+    real = files.atomic_write
 
-    def full(image, path, fmt="png", pnginfo=None, fast=False):
+    def full(path, write):
         if path.name == "step-0003.png":
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(image, path, fmt, pnginfo, fast)
+        return real(path, write)
 
-    monkeypatch.setattr(files, "save_image", full)
+    monkeypatch.setattr(files, "atomic_write", full)
     with pytest.raises(SdstreamError, match="No space left"):
         sdstream.run(GenerationRequest(model="tiny", steps=8, seed=1, device="cpu"), tmp_path / "r")
     manifest = json.loads((tmp_path / "r" / "run.json").read_text())

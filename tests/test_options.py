@@ -54,7 +54,7 @@ def test_the_server_body_and_its_description_of_the_options_follow_from_them():
     described = [opt.describe() for opt in served]
     steps = next(d for d in described if d["name"] == "steps")
     assert steps["range"] == [1, 500] and steps["default"] == 20  # one limit, everywhere
-    assert next(d for d in described if d["name"] == "scheduler")["choices"][:2] == ["ddim", "euler"]
+    assert next(d for d in described if d["name"] == "scheduler")["choices"][:3] == ["auto", "ddim", "euler"]
     assert next(d for d in described if d["name"] == "noise_strength")["needs"] == "mask"
     ui = (ROOT / "sdstream" / "static" / "ui.html").read_text()
     assert 'max="1000"' not in ui and 'max="500"' not in ui  # no copy of a limit in the page
@@ -64,7 +64,7 @@ def test_the_png_parameters_text_names_every_option_that_has_an_a1111_key():
     from sdstream.record.rundir import a1111_parameters
 
     req = GenerationRequest(prompt="a red circle", negative_prompt="blue", model="tiny", steps=9, seed=4, eta=0.3,
-                            mask="circle", inject_at_step=(3, 5), noise_strength=0.5).validated()
+                            scheduler="ddim", mask="circle", inject_at_step=(3, 5), noise_strength=0.5).validated()
     text = a1111_parameters(req, 32, 32, "tiny")
     assert text.splitlines()[:2] == ["a red circle", "Negative prompt: blue"]
     assert text.splitlines()[2] == ("Steps: 9, Sampler: DDIM, CFG scale: 7.5, Eta: 0.3, Seed: 4, Noise mask: circle, "
@@ -81,8 +81,12 @@ def test_an_option_that_needs_another_is_refused_without_it_and_filled_in_with_i
         GenerationRequest(**{name: value, "preview": "none" if "preview" in opt.needs else "approx",
                              "scheduler": "euler" if "scheduler" in opt.needs else "ddim"}).validated()
     partner, wanted, negated = opt.need()
-    with_partner = {partner: wanted if wanted and not negated else "approx" if partner == "preview" else "circle"}
-    if partner in ("init_image", "prompt_image", "start_image"):
-        with_partner = {partner: "x.png", **({"start_step": 1} if partner == "start_image" else {})}
-    if name != "start_step":  # (which has no default: --start-image needs it)
+    other = OPTIONS[partner]
+    if wanted and not negated:
+        given = wanted.split("|")[0]
+    else:
+        given = {"picture": "x.png", "names": other.names()[0] if other.kind == "names" else None}.get(
+            other.kind, "approx" if partner == "preview" else "circle")
+    with_partner = {partner: given, **({"start_step": 1} if partner == "start_image" else {})}
+    if name not in ("start_step", "at_step"):  # (which have no default: --start-image, a branch need them)
         assert getattr(GenerationRequest(**with_partner).validated(), name) == opt.default  # the declared default

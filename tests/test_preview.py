@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import sdstream
-from sdstream.core.preview import SD1_LATENT_RGB, Previewer, vae_decode
+from sdstream.core.preview import Previewer, vae_decode
 from sdstream.record.files import Writer, picture_encoder
 from sdstream.request import GenerationRequest
 
@@ -32,6 +32,11 @@ def events(**kw):
 @pytest.fixture(scope="module")
 def last_event():
     return events(steps=6, seed=4, prompt="a square")[-1]
+
+
+# SD 1.x's latent -> RGB factors as published (A1111's "Approx cheap", ComfyUI's latent_formats.SD15)
+SD1_LATENT_RGB = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721),
+                  (-0.2120, -0.2616, -0.7177))
 
 
 def approx(latents, weights, bias):

@@ -14,7 +14,7 @@ from PIL import Image
 
 import sdstream
 from sdstream import GenerationRequest
-from sdstream.core.schedulers import SCHEDULERS
+from sdstream.core.families import SD
 from sdstream.record import orchestrator
 from sdstream.record.continuation import branch_of
 from sdstream.record.rundir import RunFolder
@@ -51,7 +51,7 @@ def branch(parent, out, at: int, replay: bool = False, **changes):
     return orchestrator.run(req, [RunFolder(out)], continuation=continuation)
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("scheduler", SD.schedulers)
 def test_a_branch_with_nothing_changed_is_its_parent_bit_for_bit(tmp_path, init_picture, scheduler):
     at = 4
     for kind, extra in (("txt2img, injected before K", dict(mask="circle", inject_at_step=(2,))),

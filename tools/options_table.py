@@ -20,7 +20,7 @@ def table() -> str:
     from sdstream.request import OPTIONS
 
     rows = ["| option | default | what it does |", "|---|---|---|"]
-    for opt in (*OPTIONS.values(), *RUN_OPTIONS.values()):
+    for opt in (*(o for o in OPTIONS.values() if o.cli), *RUN_OPTIONS.values()):
         names = ", ".join([*([opt.short] if opt.short else []), opt.flag])
         usage = (names if opt.kind == "flag" else f"{names} {opt.metavar or 'TEXT'}").replace("|", "\\|")
         default = opt.default_text()

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import BadInput
 from ..inputs import PICTURES as PICTURE_MODES
 from ..inputs import Inputs, open_image
-from ..models.registry import check_available
+from ..models.registry import check_available, family_of_source, for_family
 from ..record.files import slug
 from ..record.rundir import check_folder, open_run, probe_writable
 from ..request import OPTIONS, GenerationRequest, from_values
@@ -86,7 +86,7 @@ def plan(source, out: str | Path, defaults=None, *, force: bool = False, keep_go
             used |= set(extra)
             run.request = from_values({**plain, **extra, **run.values}).validated()
             run.seeded = "seed" in run.values or "seed" in given
-            check_available(run.request)
+            run.request = for_family(run.request, family_of_source(check_available(run.request)))  # auto decided
             run.inputs = _inputs(run.request, pictures)
             if check:
                 check(run.request)

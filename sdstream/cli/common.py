@@ -63,7 +63,7 @@ def parameter(opt: Option) -> inspect.Parameter:
 def needs_help(opt: Option) -> str:
     """' Only with --mask.' (or ' Not with --preview none.'): what OPT needs, in its help and the README."""
     other, wanted, negated = opt.need()
-    flag = "--" + other.replace("_", "-")
+    flag, wanted = "--" + other.replace("_", "-"), wanted and wanted.split("|")[0]
     if wanted is None:
         return f" Only with {flag}."
     return f" Not with {flag} {wanted}." if negated else f" Only with {flag} {wanted}."

@@ -11,7 +11,6 @@ decoded, and changes the Run at its point.
 from __future__ import annotations
 
 import torch
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..inputs import fit
@@ -32,13 +31,13 @@ class StartFromPicture(Hook):
         self.picture = picture
 
     def on_start(self, run: Run) -> None:
-        pipe, scheduler, first = run.pipe, run.scheduler, run.first
+        pipe, family, first = run.pipe, run.family, run.first
         image = fit(self.picture, run.width, run.height)
         pixels = pipe.image_processor.preprocess(image, height=run.height, width=run.width)
-        pixels = pixels.to(device=run.device, dtype=run.dtype)
-        clean = retrieve_latents(pipe.vae.encode(pixels), generator=run.generator) * pipe.vae.config.scaling_factor
+        pixels = pixels.to(device=run.device, dtype=pipe.vae.dtype)
+        clean = family.encode_picture(pixels, run.generator).to(run.dtype)
         noise = randn_tensor(clean.shape, generator=run.generator, device=run.device, dtype=run.dtype)
-        run.latents = scheduler.add_noise(clean, noise, run.timesteps[first - 1 : first])
+        run.latents = family.add_noise(run.scheduler, clean, noise, run.timesteps[first - 1 : first])
 
 
 class ImagePrompt(Hook):
@@ -49,16 +48,19 @@ class ImagePrompt(Hook):
 
     def on_prompt(self, run: Run) -> None:
         from ..models.clip import image_prompt_embeds
+        from .families.base import Prompts
 
-        run.cond = image_prompt_embeds(run.pipe, self.embedder, self.photo, self.weight, run.cond)
+        cond = image_prompt_embeds(run.pipe, self.embedder, self.photo, self.weight, run.prompts.cond)
+        run.prompts = Prompts(cond, run.prompts.uncond)
 
 
 class NoiseInjection(Hook):
     """Add Gaussian noise STRENGTH x unit x mask x noise to the latents just before the model call of each of STEPS.
 
-    The unit is the latent's expected standard deviation at that step: 1 for DDIM-like schedulers and
-    sqrt(sigma^2 + 1) for Euler-like ones, i.e. exactly what the scheduler's scale_model_input divides by,
-    from its own sigmas. So a strength of 1 adds as much noise as the latent already carries at that level.
+    The unit is the latent's own noise level at that step, in its family's terms (Family.noise_unit): for SD's
+    DDPM-type schedules its expected standard deviation (1 for DDIM-like schedulers, sqrt(sigma^2 + 1) for
+    Euler-like ones: what scale_model_input divides by); for flow matching sigma, the noise's share of
+    x_t = (1 - sigma) x0 + sigma noise. So a strength of 1 adds as much noise as the latent already carries.
     The noise has its own random stream (from the seed and the step): the run is unchanged before the step.
     """
 
@@ -67,11 +69,12 @@ class NoiseInjection(Hook):
         self.pattern, self.picture, self.mask = pattern, picture, None
 
     def on_start(self, run: Run) -> None:
-        h, w = run.latent_size  # made (and uploaded) once, before the first step
+        h, w = run.latent_size  # made (and uploaded) once, before the first step, laid out as the latents are
         if self.pattern is not None:
-            self.mask = mask_tensor(self.pattern, h, w, device=run.device, dtype=run.dtype)
+            mask = mask_tensor(self.pattern, h, w, device=run.device, dtype=run.dtype)
         else:
-            self.mask = mask_from_image(self.picture, h, w, device=run.device, dtype=run.dtype)
+            mask = mask_from_image(self.picture, h, w, device=run.device, dtype=run.dtype)
+        self.mask = run.family.pack(mask.expand(1, run.family.latent_channels, h, w))
 
     def before_step(self, run: Run, step: int, t: torch.Tensor) -> None:
         if step not in self.steps:
@@ -79,9 +82,7 @@ class NoiseInjection(Hook):
         latents = run.latents
         gen = torch.Generator("cpu").manual_seed((self.seed * 1_000_003 + step) % 2**63)
         noise = randn_tensor(latents.shape, generator=gen, device=latents.device, dtype=latents.dtype)
-        one = torch.ones((1, 1, 1, 1), device=latents.device, dtype=latents.dtype)
-        unit = one / run.scheduler.scale_model_input(one, t)
-        added = self.strength * unit * self.mask * noise
+        added = self.strength * run.family.noise_unit(run.scheduler, t, latents) * self.mask * noise
         run.latents, run.injected = latents + added, True
         run.injected_rms = added.float().pow(2).mean().sqrt()  # stays on the device: read once, at the end
 
@@ -98,15 +99,13 @@ class ChangeAt(Hook):
         if self.prompt is not None or self.negative is not None:  # encoded now, with the run's own
             prompt = self.prompt if self.prompt is not None else run.req.prompt
             negative = self.negative if self.negative is not None else run.req.negative_prompt
-            self.cond, self.uncond = run.pipe.encode_prompt(prompt, run.device, 1, True, negative or None)
+            self.prompts = run.family.encode(prompt, negative, run.device)
 
     def before_step(self, run: Run, step: int, t) -> None:
         if step != self.step:
             return
-        if self.prompt is not None:
-            run.cond = self.cond
-        if self.negative is not None:
-            run.uncond = self.uncond
+        if self.prompt is not None or self.negative is not None:  # both halves, encoded together (a photo as the
+            run.prompts = self.prompts  # prompt gives way to the text)
         if self.guidance is not None:
             run.guidance = self.guidance
         if self.seed is not None:

@@ -1,9 +1,11 @@
 """The denoising loop: one generator of StepEvents that every front end consumes, through the orchestrator.
 
 It takes a pipeline, a validated request and hooks; it opens no file, loads nothing and knows no model's
-vocabulary. For a plain text prompt it computes exactly what diffusers' StableDiffusionPipeline computes
-(same helpers, same order of random draws), and with a starting picture exactly what
-StableDiffusionImg2ImgPipeline does. Interventions are hooks (core/hooks.py), called at three points:
+vocabulary. What differs between model families (SD, SDXL, SD3, FLUX: the conditioning, the denoiser call and
+guidance, x0, how a picture becomes latents) is the family's (core/families/); the loop is the same for all.
+For a text prompt it computes exactly what the family's diffusers pipeline computes (same helpers, same order of
+random draws), and with a starting picture exactly what its img2img pipeline does. Interventions are hooks
+(core/hooks.py), called at three points:
 on_prompt (the embeddings are made), on_start (the schedule is set and the first step chosen; a hook may
 give the initial latents or a saved state) and before_step (a hook may change the latents, e.g. inject noise,
 or the prompt and the guidance, e.g. from a step on).
@@ -18,9 +20,8 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
-from .schedulers import make_scheduler, x0, x0_from
+from .schedulers import make_scheduler
 from .state import capture
 
 
@@ -50,9 +51,10 @@ class StepEvent:
 
 @dataclass
 class Run:
-    """What the loop works on. Hooks read it and may change cond, uncond, guidance, first, latents, injected."""
+    """What the loop works on. Hooks read it and may change prompts, guidance, first, latents and injected."""
 
     pipe: object
+    family: object  # families.Family: what the pipeline's family does at each phase
     req: object  # the validated GenerationRequest
     width: int
     height: int
@@ -61,8 +63,7 @@ class Run:
     device: torch.device
     dtype: torch.dtype
     guidance: float = 7.5
-    cond: torch.Tensor | None = None  # conditional prompt embeddings [1, L, D]
-    uncond: torch.Tensor | None = None  # unconditional (negative prompt) embeddings
+    prompts: object = None  # families.Prompts: the conditioning, both halves
     timesteps: torch.Tensor | None = None  # the full schedule, on the CPU
     first: int = 1  # 1-based schedule index of the first step denoised
     latents: torch.Tensor | None = None
@@ -71,7 +72,7 @@ class Run:
 
     @property
     def latent_size(self) -> tuple[int, int]:
-        return self.height // self.pipe.vae_scale_factor, self.width // self.pipe.vae_scale_factor
+        return self.family.latent_size(self.width, self.height)
 
 
 class Hook:
@@ -89,24 +90,24 @@ def denoise(pipe, req, width: int, height: int, hooks: Sequence[Hook] = ()) -> I
 
     The final latents are those of the last event.
     """
-    device, dtype = pipe._execution_device, pipe.unet.dtype
-    run = Run(pipe, req, width, height, make_scheduler(req.scheduler, pipe.scheduler.config),
-              torch.Generator("cpu").manual_seed(req.seed), device, dtype, req.guidance)  # CPU noise: reproducible
-    scheduler = run.scheduler
+    from .families import family_of
+
+    family = family_of(pipe)
+    device, dtype = pipe._execution_device, family.dtype
+    scheduler = make_scheduler(family.traits.scheduler(req.scheduler), pipe.scheduler.config)
+    generator = torch.Generator("cpu").manual_seed(req.seed)  # CPU noise: the same pictures on every device
+    run = Run(pipe, family, req, width, height, scheduler, generator, device, dtype, req.guidance)
 
     with torch.inference_mode():
-        # 1. Prompt -> embeddings, both halves (a hook may turn guidance on); hooks may replace them.
-        run.cond, run.uncond = pipe.encode_prompt(req.prompt, device, 1, True, req.negative_prompt or None)
+        # 1. Prompt -> conditioning, both halves (a hook may turn guidance on); hooks may replace them.
+        run.prompts = family.encode(req.prompt, req.negative_prompt, device)
         for hook in hooks:
             hook.on_prompt(run)
 
         # 2. The schedule. Schedulers get timesteps on the CPU (they index CPU tables with them: a GPU tensor
-        # would mean a device->host sync every step); the UNet gets a copy uploaded once, below.
-        scheduler.set_timesteps(req.steps, device="cpu")
+        # would mean a device->host sync every step); the denoiser gets a copy uploaded once, below.
+        family.set_timesteps(scheduler, req.steps, width, height)
         run.timesteps, total = scheduler.timesteps, len(scheduler.timesteps)
-        # x0 for PNDM reads alpha_t on the host: keep the table there (add_noise moves some schedulers' own copy
-        # to the device, where a read is a sync)
-        alphas = scheduler.alphas_cumprod.cpu()
 
         # 3. Where the run starts, then the initial latents: a hook's (a picture noised to the first step, a saved
         # state), or pure noise. The begin index is always set (as diffusers' img2img does): a scheduler left to
@@ -118,39 +119,27 @@ def denoise(pipe, req, width: int, height: int, hooks: Sequence[Hook] = ()) -> I
         for hook in hooks:
             hook.on_start(run)
         if run.latents is None:
-            shape = (1, pipe.unet.config.in_channels, *run.latent_size)
-            run.latents = randn_tensor(shape, generator=run.generator, device=device, dtype=dtype)
-            run.latents = run.latents * scheduler.init_noise_sigma
+            run.latents = family.initial_noise(run)
         step_kwargs = _step_kwargs(scheduler, run.generator, req.eta or 0.0)
 
     # 4. The loop.
-    timesteps, prompts = run.timesteps[run.first - 1 :], None
+    timesteps = run.timesteps[run.first - 1 :]
     on_device = timesteps.to(device)
-    for step, t, t_unet, t_value in zip(range(run.first, total + 1), timesteps, on_device, timesteps.tolist()):
+    for step, t, t_model, t_value in zip(range(run.first, total + 1), timesteps, on_device, timesteps.tolist()):
         started = time.perf_counter()
         with torch.inference_mode():
             run.injected, run.injected_rms = False, None
             for hook in hooks:
                 hook.before_step(run, step, t)
-            guided, latents = run.guidance > 1.0, run.latents
-            if prompts is None or prompts[0] is not run.cond or prompts[1] is not run.uncond or prompts[2] != guided:
-                prompts = (run.cond, run.uncond, guided, torch.cat([run.uncond, run.cond]) if guided else run.cond)
-            model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-            noise_pred = pipe.unet(model_input, t_unet, encoder_hidden_states=prompts[3], return_dict=False)[0]
-            if guided:
-                eps_uncond, eps_cond = noise_pred.chunk(2)
-                eps = eps_uncond + run.guidance * (eps_cond - eps_uncond)
-            else:  # with --compile on CUDA it is CUDA-graph memory that the next call overwrites; PNDM keeps it
-                eps_uncond, eps = None, noise_pred.clone()
-                eps_cond = eps
-            alpha = float(alphas[int(round(t_value))])
+            latents = run.latents
+            eps, eps_cond, eps_uncond = family.predict(run, latents, t, t_model, run.prompts, run.guidance)
             out = scheduler.step(eps, t, latents, **step_kwargs)
-            denoised = x0(scheduler, out, latents, eps, alpha)
+            denoised = family.x0(scheduler, out, latents, eps, t_value)
             # Euler-type schedulers compute in fp32; keep the run in the model's dtype
             run.latents, denoised = out.prev_sample.to(dtype), denoised.to(dtype)
-        yield StepEvent(step, total, run.first, int(t_value), run.latents, denoised, eps, eps_cond, eps_uncond,
-                        run.injected, run.injected_rms, time.perf_counter() - started, latents,
-                        partial(x0_from, scheduler, step - 1, alpha, latents), partial(capture, run, step))
+        yield StepEvent(step, total, run.first, int(round(t_value)), run.latents, denoised, eps, eps_cond,
+                        eps_uncond, run.injected, run.injected_rms, time.perf_counter() - started, latents,
+                        partial(family.x0_from, scheduler, step - 1, t_value, latents), partial(capture, run, step))
 
 
 def _step_kwargs(scheduler, generator, eta: float) -> dict:

@@ -11,21 +11,11 @@ import warnings
 
 import torch
 
-from ..models.registry import DEFAULT_TAESD
-
-# Linear map from SD 1.x latent channels (as the UNet sees them) to RGB in [-1, 1]: the factors
-# A1111's "Approx cheap" and ComfyUI's SD15 latent preview use. About free: one 4x3 matmul per pixel
-# of the 1/8-size latent. Frames are written at that size; `sheet`, `animate` and the web UI scale them up.
-SD1_LATENT_RGB = (
-    (0.3512, 0.2297, 0.3227),
-    (0.3250, 0.4974, 0.2350),
-    (-0.2829, 0.1762, 0.2721),
-    (-0.2120, -0.2616, -0.7177),
-)
+from .families import family_of
 
 
-def vae_decode(pipe, latents: torch.Tensor, recoveries: list | None = None):
-    """Decode latents with the model's VAE into a PIL image, exactly as diffusers' pipelines do.
+def vae_decode(pipe, latents: torch.Tensor, recoveries: list | None = None, size: tuple[int, int] | None = None):
+    """Decode latents with the model's VAE into a PIL image, exactly as the family's diffusers pipeline does.
 
     Two failures have a safe fix, applied here and noted in RECOVERIES: out of memory (retry
     with the VAE tiled) and NaN/inf output (an fp16 VAE overflowing, which diffusers would
@@ -34,17 +24,18 @@ def vae_decode(pipe, latents: torch.Tensor, recoveries: list | None = None):
     from ..errors import SdstreamError
 
     notes = recoveries if recoveries is not None else []
-    vae = pipe.vae
+    vae, family = pipe.vae, family_of(pipe)
+    width, height = size or (None, None)
     with torch.inference_mode():
         try:
-            image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+            image = family.decode(latents, width, height)
         except torch.OutOfMemoryError:
             free_memory()
             tiled_before = getattr(vae, "use_tiling", False)
             vae.enable_tiling()
             notes.append("vae_tiled_retry")
             try:
-                image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+                image = family.decode(latents, width, height)
             finally:
                 if not tiled_before:
                     vae.disable_tiling()
@@ -53,7 +44,7 @@ def vae_decode(pipe, latents: torch.Tensor, recoveries: list | None = None):
             dtype = vae.dtype
             vae.to(torch.float32)
             try:
-                image = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
+                image = family.decode(latents.float(), width, height)
             finally:
                 vae.to(dtype)
         if not torch.isfinite(image).all():
@@ -73,14 +64,15 @@ def free_memory() -> None:
 class Previewer:
     """Turns a StepEvent into a uint8 (H, W, 3) picture tensor, still on the device."""
 
-    def __init__(self, pipe, mode: str, source: str, taesd: str | None = None):
-        self.pipe, self.mode, self.source = pipe, mode, source
+    def __init__(self, pipe, mode: str, source: str, taesd: str | None = None, size: tuple[int, int] = (0, 0)):
+        self.pipe, self.mode, self.source, self.size = pipe, mode, source, size
+        self.family = family = family_of(pipe)
         device = pipe._execution_device  # with --cpu-offload, pipe.device says cpu
-        # a model folder's own factors (sdstream.json, see tiny.py), else SD 1.x's
-        factors = getattr(pipe, "sdstream_notes", {}).get("latent_rgb", {"weights": SD1_LATENT_RGB, "bias": (0, 0, 0)})
-        self.rgb = torch.tensor(factors["weights"], device=device, dtype=pipe.unet.dtype)
-        self.bias = torch.tensor(factors["bias"], device=device, dtype=pipe.unet.dtype)
-        self.taesd = load_taesd(taesd or DEFAULT_TAESD, device, pipe.vae.dtype) if mode == "taesd" else None
+        # a model folder's own factors (sdstream.json), else its family's published ones
+        factors = getattr(pipe, "sdstream_notes", {}).get("latent_rgb", family.latent_rgb)
+        self.rgb = torch.tensor(factors["weights"], device=device, dtype=family.dtype)
+        self.bias = torch.tensor(factors["bias"], device=device, dtype=family.dtype)
+        self.taesd = load_taesd(taesd or family.default_taesd, device, pipe.vae.dtype) if mode == "taesd" else None
 
     def __call__(self, event) -> torch.Tensor:
         """The picture of a StepEvent: of its x0, its latents, or what one half of guidance predicts."""
@@ -94,15 +86,17 @@ class Previewer:
         return self.decode(latents)
 
     def decode(self, latents) -> torch.Tensor:
-        """LATENTS (as the UNet sees them, [1, C, h, w]) as a uint8 (H, W, 3) picture, on the device."""
+        """LATENTS (as the denoiser sees them) as a uint8 (H, W, 3) picture, on the device."""
+        width, height = self.size
         with torch.inference_mode():
             if self.mode == "approx":
-                image = torch.einsum("bchw,cr->bhwr", latents, self.rgb)[0] + self.bias
+                grid = self.family.unpack(latents, width, height)
+                image = torch.einsum("bchw,cr->bhwr", grid, self.rgb)[0] + self.bias
             else:
                 if self.mode == "vae":
-                    image = self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
-                else:  # TAESD works on the latents as the UNet sees them
-                    image = self.taesd.decode(latents, return_dict=False)[0]
+                    image = self.family.decode(latents, width, height)
+                else:  # TAESD works on the latents as the denoiser sees them
+                    image = self.taesd.decode(self.family.unpack(latents, width, height), return_dict=False)[0]
                 image = image[0].permute(1, 2, 0)
             return ((image.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
 

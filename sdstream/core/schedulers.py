@@ -17,6 +17,7 @@ class Scheduler:
     label: str = ""  # the name in A1111's "Sampler:" vocabulary
     order: int = 1  # diffusers' scheduler.order: img2img starts at t_start * order
     extra_steps: int = 0  # schedule length is steps + this (PNDM's PLMS repeats its second timestep)
+    flow: bool = False  # a flow-matching scheduler (SD3, FLUX), not a DDPM-type one
 
 
 SCHEDULERS: dict[str, Scheduler] = {
@@ -31,6 +32,7 @@ SCHEDULERS: dict[str, Scheduler] = {
     "pndm": Scheduler("PNDMScheduler", {"skip_prk_steps": True}, "PLMS", extra_steps=1),
     "lms": Scheduler("LMSDiscreteScheduler", label="LMS"),
     "unipc": Scheduler("UniPCMultistepScheduler", label="UniPC"),
+    "flow-euler": Scheduler("FlowMatchEulerDiscreteScheduler", label="Euler (flow matching)", flow=True),
 }
 _ALIASES = {
     "euler-ancestral": "euler-a",
@@ -42,14 +44,19 @@ _ALIASES = {
 
 
 def canonical_scheduler(name: str) -> str | None:
+    """A --scheduler name or alias as its name ("auto": the model family's own, decided when the model is known)."""
     key = re.sub(r"[\s_]+", "-", name.strip().lower()).replace("dpmpp", "dpm++")
     key = _ALIASES.get(key, key)
-    return key if key in SCHEDULERS else None
+    return key if key in SCHEDULERS or key == "auto" else None
 
 
 def schedule_length(name: str, steps: int) -> int:
-    """How many timesteps NAME's schedule has for STEPS inference steps."""
-    return steps + SCHEDULERS[name].extra_steps
+    """How many timesteps NAME's schedule has for STEPS inference steps (every family's default has STEPS)."""
+    return steps + (SCHEDULERS[name].extra_steps if name in SCHEDULERS else 0)
+
+
+def order(name: str) -> int:
+    return SCHEDULERS[name].order if name in SCHEDULERS else 1
 
 
 def make_scheduler(name: str, config):

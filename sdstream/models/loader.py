@@ -100,13 +100,22 @@ def loaded_models() -> list[tuple[str, str, str]]:
 
 def _load(source: ModelSource, device: str, dtype, speed: Speed):
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
+
+    from ..core.families import family_of, traits_of
 
     where = str(local_folder(source)) if source.kind != "hub" else source.location
-    kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(where, **kwargs)
+        kind = DiffusionPipeline.load_config(where)["_class_name"]  # model_index.json alone: the family
     except Exception as e:  # classify hub failures into messages with a next step
+        raise _load_error(source, e) from e
+    family = traits_of(kind)  # BadInput for a pipeline sdstream does not run, before the weights load
+    kwargs = dict(dtype=dtype)
+    if family.module == "sd":  # SD 1.x/2.x folders name a safety checker; sdstream records, it does not censor
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(where, **kwargs)
+    except Exception as e:
         raise _load_error(source, e) from e
     pipe.set_progress_bar_config(disable=True)
     snapshot = hub_snapshot(source.location) if source.kind == "hub" else where
@@ -116,18 +125,19 @@ def _load(source: ModelSource, device: str, dtype, speed: Speed):
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe = pipe.to(device)
-    if device.startswith("cuda"):
-        pipe.unet.to(memory_format=torch.channels_last)  # convolutions run faster on tensor cores this way
+    denoiser = family_of(pipe).denoiser
+    if device.startswith("cuda") and hasattr(denoiser, "conv_in"):  # a UNet
+        denoiser.to(memory_format=torch.channels_last)  # convolutions run faster on tensor cores this way
     if speed.attention_slicing:
         pipe.enable_attention_slicing()
     if speed.vae_tiling:
         pipe.vae.enable_tiling()
-    if speed.compile:  # in place: pipe.unet keeps its config and class
+    if speed.compile:  # in place: the denoiser keeps its config and class
         # On CUDA, with CUDA graphs as well (diffusers' own recipe for the SD UNet): an SD 1.5 UNet call is
         # some 750 operator calls, each a kernel launched from Python; a CUDA graph launches them all at once.
         # Not with --cpu-offload: a graph holds the weights' addresses, and offloading moves the weights.
         graphs = device.startswith("cuda") and not speed.cpu_offload
-        pipe.unet.compile(mode="reduce-overhead" if graphs else None)
+        denoiser.compile(mode="reduce-overhead" if graphs else None)
     return pipe
 
 

@@ -73,7 +73,7 @@ def resolve(model: str | None) -> ModelSource:
     raise BadInput(f"--model {name!r} is not an alias ({allowed}), a Hugging Face repo id (owner/name) or a folder")
 
 
-REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+REQUIRED_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")  # and a denoiser: unet or transformer
 
 
 def tiny_path() -> Path:
@@ -94,6 +94,8 @@ def local_folder(source: ModelSource) -> Path:
     except (OSError, ValueError) as e:
         raise BadInput(f"--model {source.name!r}: model_index.json is unreadable ({e})") from None
     missing = [p for p in REQUIRED_PARTS if p not in parts or not (path / p).is_dir()]
+    if not any(p in parts and (path / p).is_dir() for p in ("unet", "transformer")):
+        missing.insert(0, "unet")
     if missing:
         raise BadInput(
             f"--model {source.name!r} is not a complete Stable Diffusion folder: missing {', '.join(missing)}"
@@ -137,18 +139,62 @@ def check_available(req) -> ModelSource:
     if folder is None and offline():
         raise BadInput(f"{label(source)} is not on disk and HF_HUB_OFFLINE is set: use --model tiny, a local "
                        "folder, or download it once with network access")
+    family = family_in(folder) if folder is not None and (folder / "model_index.json").is_file() else None
+    if family is not None:
+        check_family(req, family)
     if req.preview == "taesd":
-        taesd = req.taesd or DEFAULT_TAESD
+        taesd = req.taesd or (family.default_taesd if family else DEFAULT_TAESD)
         if not Path(taesd).expanduser().is_dir() and offline() and hub_file(taesd, "config.json") is None:
             raise BadInput(f"--taesd {taesd!r} is not on disk and HF_HUB_OFFLINE is set: pass a local folder, "
                            "download it once with network access, or use --preview approx or vae")
     if folder is not None:
         check_vocabulary(req, model_notes(folder).get("vocabulary"))
         factor = vae_factor(folder)
+        factor = factor * family.size_factor if factor and family else factor
         for option, value in (("--width", req.width), ("--height", req.height)):
             if factor and value is not None and value % factor:
                 raise BadInput(f"{option} {value} is not a multiple of {factor} (this model's VAE factor)")
     return source
+
+
+def family_in(folder: Path):
+    """The model family of a pipeline folder, from model_index.json's _class_name (None when unreadable)."""
+    from ..core.families import traits_of
+
+    try:
+        name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return traits_of(name) if name else None
+
+
+def check_family(req, family) -> None:
+    """What a model family can't do, refused with its name: a scheduler of another kind, a photo as the prompt."""
+    if req.scheduler != "auto" and req.scheduler not in family.schedulers:
+        raise BadInput(f"--scheduler {req.scheduler} does not work with {family.name} models: give one of "
+                       f"{', '.join(family.schedulers)} (or auto)")
+    if req.prompt_image is not None and not family.image_prompt:
+        raise BadInput(f"--prompt-image: a photo as the prompt (CLIP features repeated over the token positions) "
+                       f"does not fit {family.name} models, whose conditioning is more than one text encoder's")
+
+
+def for_family(req, family):
+    """REQ with --scheduler auto decided for FAMILY (core.families.Traits; None: not known yet). An option that
+    applies only with auto's other meanings (--eta, DDIM's) is refused when given, dropped when only filled in."""
+    from dataclasses import replace
+
+    from ..request import OPTIONS
+
+    if family is None or req.scheduler != "auto":
+        return req
+    chosen = {"scheduler": family.scheduler(req.scheduler)}
+    for name, opt in OPTIONS.items():
+        if opt.needs and opt.need()[0] == "scheduler" and not opt.applies(chosen):
+            if getattr(req, name) not in (None, opt.default):
+                raise BadInput(f"{opt.flag} applies only with {opt.needs_text(OPTIONS)}, and {family.name} models "
+                               f"run {chosen['scheduler']}")
+            chosen[name] = None
+    return replace(req, **chosen).validated()
 
 
 def vae_factor(folder: Path) -> int | None:
@@ -158,3 +204,9 @@ def vae_factor(folder: Path) -> int | None:
         return 2 ** (len(config["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def family_of_source(source: ModelSource):
+    """The model family of SOURCE when its folder is on disk (None: a hub model not downloaded yet)."""
+    folder = hub_snapshot(source.location) if source.kind == "hub" else local_folder(source)
+    return family_in(folder) if folder is not None else None

@@ -57,6 +57,8 @@ def branch_of(req) -> Continuation:
     for name in OPTIONS:
         if name in MAY_CHANGE or name in OUTPUT or getattr(req, name) == getattr(parent, name):
             continue
+        if name == "scheduler" and req.scheduler == "auto":  # the model's own, as the parent's was decided
+            continue
         opt = OPTIONS[name]
         raise BadInput(f"{opt.flag}: a branch continues its parent and keeps its {opt.flag} "
                        f"({getattr(parent, name)!r}); a branch changes only "

@@ -17,9 +17,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .. import interrupts
+from ..core.families import family_of
 from ..errors import BadInput, SdstreamError
 from ..inputs import Inputs, load_inputs
-from ..models.registry import ModelSource, check_available
+from ..models.registry import ModelSource, check_available, check_family, family_of_source, for_family
 from .sinks import Measures, NanCheck, Outcome, RunInfo, Sink, Step, as_sink
 
 OOM_HINT = "try --cpu-offload, --vae-tiling, --attention-slicing, or a smaller --width/--height"
@@ -65,6 +66,7 @@ class Prepared:
     previewer: object | None  # core.preview.Previewer, or None for --preview none
     hooks: list
     preview: str  # the frame decoder, with auto decided
+    request: object  # the request, with --scheduler auto decided for the model's family
 
 
 def run(req, sinks: Sequence = (), *, inputs: Inputs | None = None,
@@ -83,6 +85,7 @@ def run(req, sinks: Sequence = (), *, inputs: Inputs | None = None,
     sinks = [Measures(), NanCheck(), *(as_sink(s) for s in sinks)]
     inputs = inputs if inputs is not None else load_inputs(req)
     source = check_available(req)
+    req = for_family(req, family_of_source(source))
     info, finished = None, set()
     try:
         for sink in sinks:
@@ -92,6 +95,7 @@ def run(req, sinks: Sequence = (), *, inputs: Inputs | None = None,
         started = time.perf_counter()
         ready = prepare(req, source, inputs, previews=any(sink.pictures for sink in sinks), continuation=continuation)
         interrupts.raise_if_pending()  # a Ctrl-C that an import or a load swallowed
+        req = ready.request
         info = _info(req, source, ready, time.perf_counter() - started, continuation)
         for sink in sinks:
             sink.start(info)
@@ -122,7 +126,8 @@ def run(req, sinks: Sequence = (), *, inputs: Inputs | None = None,
 @contextmanager
 def _cancellable(pipe, cancelled):
     """Forward pre-hooks on the UNet's and the VAE decoder's blocks that stop the run when CANCELLED says so."""
-    if cancelled is None or getattr(pipe.unet, "_compiled_call_impl", None) is not None:  # (compiled: no hooks)
+    denoiser = family_of(pipe).denoiser
+    if cancelled is None or getattr(denoiser, "_compiled_call_impl", None) is not None:  # (compiled: no hooks)
         yield
         return
 
@@ -130,8 +135,11 @@ def _cancellable(pipe, cancelled):
         if cancelled():
             raise Cancelled
 
-    unet, decoder = pipe.unet, pipe.vae.decoder
-    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks, *decoder.up_blocks]
+    if hasattr(denoiser, "down_blocks"):  # a UNet
+        blocks = [*denoiser.down_blocks, denoiser.mid_block, *denoiser.up_blocks]
+    else:  # a transformer (SD3, FLUX): its blocks, joint and single
+        blocks = [*getattr(denoiser, "transformer_blocks", ()), *getattr(denoiser, "single_transformer_blocks", ())]
+    blocks += list(pipe.vae.decoder.up_blocks)
     handles = [block.register_forward_pre_hook(check) for block in blocks if block is not None]
     try:
         yield
@@ -157,7 +165,7 @@ def _info(req, source: ModelSource, ready: Prepared, load_seconds: float, contin
     from ..models.loader import dtype_name
 
     first = continuation.at if continuation else req.first_step
-    info = RunInfo(req, source, ready.device, dtype_name(ready.pipe.unet.dtype), ready.width, ready.height,
+    info = RunInfo(req, source, ready.device, dtype_name(family_of(ready.pipe).dtype), ready.width, ready.height,
                    first, req.total_steps, ready.preview, continuation=continuation)
     info.timings["load"] = round(load_seconds, 4)
     return info
@@ -197,7 +205,7 @@ def _denoise(req, ready: Prepared, info: RunInfo, sinks: list[Sink], cancelled, 
     if req.stop_at_step is not None:
         return None
     decode_started = time.perf_counter()
-    image = vae_decode(ready.pipe, latents, info.recoveries)
+    image = vae_decode(ready.pipe, latents, info.recoveries, (ready.width, ready.height))
     info.timings["decode"] = round(time.perf_counter() - decode_started, 4)
     return image
 
@@ -219,13 +227,16 @@ def prepare(req, source: ModelSource, inputs: Inputs, previews: bool = True, con
         raise BadInput(f"--cpu-offload moves models between a GPU and the CPU; the device here is {device}")
     speed = Speed(req.compile, req.cpu_offload, req.vae_tiling, req.attention_slicing)
     pipe = load_pipeline(source, device, resolve_dtype(req.dtype, device), speed)
+    family = family_of(pipe)
+    check_family(req, family.traits)  # (for a hub model downloaded just now: known only once loaded)
+    req = for_family(req, family.traits)
     width, height = size_of(pipe, req, inputs)
     check_against_model(pipe, req, width, height)
     hooks = hooks_for(pipe, req, inputs, continuation)
     mode = preview_mode(req, pipe)
     wanted = previews and mode != "none"
-    previewer = Previewer(pipe, mode, req.frame_source, req.taesd) if wanted else None
-    return Prepared(pipe, device, width, height, previewer, hooks, mode)
+    previewer = Previewer(pipe, mode, req.frame_source, req.taesd, (width, height)) if wanted else None
+    return Prepared(pipe, device, width, height, previewer, hooks, mode, req)
 
 
 def preview_mode(req, pipe) -> str:
@@ -245,12 +256,13 @@ def preview_mode(req, pipe) -> str:
 def size_of(pipe, req, inputs: Inputs) -> tuple[int, int]:
     """(width, height): as asked; else a starting picture's size, rounded down to the VAE factor (diffusers'
     img2img keeps the picture's size); else the model's native size."""
-    factor = pipe.vae_scale_factor
+    family = family_of(pipe)
+    factor = family.size_multiple
     picture = inputs.get("init_image") or inputs.get("start_image")
     if picture is not None:
         native = (max(factor, picture.width // factor * factor), max(factor, picture.height // factor * factor))
     else:
-        native = (pipe.unet.config.sample_size * factor,) * 2
+        native = family.native_size()
     return req.width or native[0], req.height or native[1]
 
 
@@ -258,17 +270,20 @@ def check_against_model(pipe, req, width: int, height: int) -> None:
     """The checks that need the model, raised before any output exists."""
     from ..core.schedulers import make_scheduler
 
-    factor = pipe.vae_scale_factor
+    family = family_of(pipe)
+    factor = family.size_multiple
     for option, value in (("--width", width), ("--height", height)):
         if value % factor:
-            raise BadInput(f"{option} {value} is not a multiple of {factor} (this model's VAE factor)")
+            raise BadInput(f"{option} {value} is not a multiple of {factor} (this model's size step)")
     import torch
 
     scheduler = make_scheduler(req.scheduler, pipe.scheduler.config)
-    scheduler.set_timesteps(req.steps, device="cpu")
+    family.set_timesteps(scheduler, req.steps, width, height)
     if len(scheduler.timesteps) != req.total_steps:  # the step arithmetic checked before loading assumed it
         raise BadInput(f"--scheduler {req.scheduler}: this model's scheduler config gives {len(scheduler.timesteps)}"
                        f" timesteps for {req.steps} steps, not {req.total_steps}")
+    if family.flow:  # flow matching has one prediction type, the velocity
+        return
     try:  # one step on a 2x2 nothing: a scheduler that can't take this model's prediction type says so now
         zeros = torch.zeros(1, 1, 2, 2)
         scheduler.step(zeros, scheduler.timesteps[0], scheduler.scale_model_input(zeros, scheduler.timesteps[0]))

@@ -27,6 +27,7 @@ def redecode(run_dir, steps, preview: str = "vae", source: str = "x0", taesd: st
     if missing:
         raise BadInput(f"run {str(run_dir)!r} kept no {name} of step {missing[0]} (its --save-tensors: "
                        f"{', '.join(req.save_tensors) or 'none'})")
+    from ..core.families import family_of
     from ..core.preview import Previewer
     from ..models.loader import load_pipeline, quiet_libraries, resolve_device, resolve_dtype
     from ..models.registry import check_available
@@ -34,13 +35,14 @@ def redecode(run_dir, steps, preview: str = "vae", source: str = "x0", taesd: st
     quiet_libraries()
     device = resolve_device(req.device)
     pipe = load_pipeline(check_available(req), device, resolve_dtype(req.dtype, device))
-    decoder = Previewer(pipe, preview, "x0", taesd)
+    size = (run.manifest["width"], run.manifest["height"])
+    decoder = Previewer(pipe, preview, "x0", taesd, size)
     folder = run.dir / "redecoded" / preview
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     encode = picture_encoder("png")
     for step, tensors in kept.items():
-        latent = tensors[name][None].to(device=pipe._execution_device, dtype=pipe.unet.dtype)
+        latent = tensors[name][None].to(device=pipe._execution_device, dtype=family_of(pipe).dtype)
         data = encode(decoder.decode(latent).cpu())
         path = folder / f"step-{step:04d}.png"
         atomic_write(path, lambda f, data=data: f.write(data))
