@@ -189,8 +189,8 @@ class Option:
             return True
         other, wanted, negated = self.need()
         have = values.get(other)
-        if wanted is None:
-            return have is not None and have != ()
+        if wanted is None:  # given: a value, a list that is not empty, a flag that is on
+            return have not in (None, (), False)
         return (have not in wanted.split("|")) if negated else (have in wanted.split("|"))
 
     def needs_text(self, options: dict[str, Option]) -> str:

@@ -21,8 +21,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sdstream.core.loop import denoise
 from sdstream.core.preview import Previewer
 from sdstream.inputs import load_inputs
+from sdstream.record.attention import AttentionMaps, prompts_of
 from sdstream.record.orchestrator import hooks_for, size_of
-from sdstream.record.sinks import Measures, NanCheck, Step
+from sdstream.record.sinks import Measures, NanCheck, RunInfo, Step
 from sdstream.request import GenerationRequest
 
 aten = torch.ops.aten
@@ -63,23 +64,44 @@ def loop(pipe, req):
     return denoise(pipe, req, *size_of(pipe, req, inputs), hooks_for(pipe, req, inputs))
 
 
+class HeldFolder:
+    """The run folder, for --attention's sink: what it is handed stays on the device (the writer's copy is its own)."""
+
+    def __init__(self):
+        self.names: list[str] = []
+
+    def annotate(self, key, value) -> None: ...
+
+    def write(self, name, payload, encode, step=0) -> None:
+        assert all(t.is_meta for t in (payload.values() if isinstance(payload, dict) else [payload]))
+        self.names.append(name)
+
+
 def traffic_per_step(pipe, **kw) -> tuple[list[str], list[list[str]], list]:
     """(traffic before the first step, traffic of each later step, the events), with the per-step work of the
     sinks that see tensors on every step: the NaN check, the measures, the state kept to continue from, the
-    tensors --save-tensors keeps (cast on the device), the shared event dictionary."""
+    tensors --save-tensors keeps (cast on the device), the shared event dictionary, and the cross-attention maps
+    of --attention (its processors on the UNet, the maps merged into words, the heat maps over a frame)."""
     req = GenerationRequest(model="tiny", steps=6, seed=1, prompt="a red circle", **kw).validated()
     traffic, marks, events, nan_check, measures = Traffic(), [], [], NanCheck(), Measures()
     nan_check.flags, nan_check.first = [], req.first_step
     measures.start(None)
-    with traffic:
+    folder = HeldFolder()
+    attention = AttentionMaps(pipe.unet, folder, prompts_of(pipe.tokenizer, [(1, req.prompt)], None),
+                              pipe.tokenizer.model_max_length, pipe._execution_device, (16, 16))
+    picture = torch.zeros(32, 32, 3, dtype=torch.uint8, device="meta")  # a frame step's preview
+    with traffic, attention.recording():
+        attention.start(RunInfo(req, None, "meta", "fp32", 32, 32, req.first_step, req.total_steps, "vae"))
         for event in loop(pipe, req):
             for sink in (nan_check, measures):
                 sink.step(Step(event))
+            attention.step(Step(event, picture))
             event.state()
             [t.to(torch.float16) for t in (event.latents, event.denoised, event.eps, event.eps_cond)]
             Step(event).to_dict()
             marks.append(len(traffic.log))
             events.append(event)
+    assert len(folder.names) == 3 * len(events)  # each step: its maps, and the heat maps of red and circle
     log = traffic.log
     return log[: marks[0]], [log[a:b] for a, b in pairwise(marks)], events
 

@@ -85,7 +85,7 @@ def test_an_option_that_needs_another_is_refused_without_it_and_filled_in_with_i
     if wanted and not negated:
         given = wanted.split("|")[0]
     else:
-        given = {"picture": "x.png", "names": other.names()[0] if other.kind == "names" else None}.get(
+        given = {"picture": "x.png", "flag": True, "names": other.names()[0] if other.kind == "names" else None}.get(
             other.kind, "approx" if partner == "preview" else "circle")
     with_partner = {partner: given, **({"start_step": 1} if partner == "start_image" else {})}
     if name not in ("start_step", "at_step"):  # (which have no default: --start-image, a branch need them)

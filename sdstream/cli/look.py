@@ -90,6 +90,9 @@ def sheet(
     size: Annotated[int, typer.Option(help="Longer side of each cell's picture in pixels.")] = 256,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here (.png, .jpg or .webp) instead of "
                                                                  "RUN_DIR/sheet.png.")] = None,
+    attention: Annotated[str | None, typer.Option(
+        "--attention", metavar="WORD", help="The heat maps of WORD (a run made with --attention) instead of the "
+        "frames, in RUN_DIR/sheet-attention-WORD.png.")] = None,
     overwrite: Overwrite = False,
     json: Json = False,
     quiet: Quiet = False,
@@ -102,7 +105,7 @@ def sheet(
     with handle_errors(debug):
         chosen = parse_steps(steps) if steps is not None else None
         result = make_sheet(run_dir, steps=chosen, count=count, columns=columns, size=size, out=out,
-                            overwrite=overwrite)
+                            overwrite=overwrite, attention=attention)
     if json:
         print_json({"sheet": str(result.path), "steps": result.steps, "injected": result.injected,
                     "columns": result.columns, "rows": result.rows, "width": result.size[0],

@@ -20,7 +20,7 @@ MAY_CHANGE = {"prompt", "negative_prompt", "guidance", "prompt_at", "mask", "inj
 # ... and how its own output looks, which the trajectory does not depend on
 OUTPUT = {"preview", "frame_source", "taesd", "frames_every", "frame_size", "frame_format", "save_tensors",
           "tensor_dtype", "save_state", "stop_at_step", "parent", "at_step", "device", "compile", "cpu_offload",
-          "vae_tiling", "attention_slicing"}
+          "vae_tiling", "attention_slicing", "attention", "attention_words"}
 
 
 @dataclass

@@ -77,12 +77,14 @@ def run(req, sinks: Sequence = (), *, inputs: Inputs | None = None,
     CANCELLED is asked before each step and, inside a step, before each of the UNet's and the VAE decoder's
     blocks: a long step (a big picture on a CPU) stops within a block, not after minutes. CONTINUATION (or a
     request that names a parent run) makes the run continue another (record/continuation.py)."""
+    from .attention import attention_maps, check_request, recording
     from .continuation import branch_of
 
     req = req.validated()
     if continuation is None and req.parent is not None:
         continuation = branch_of(req)
     sinks = [Measures(), NanCheck(), *(as_sink(s) for s in sinks)]
+    check_request(req, sinks)  # --attention's checks that need no model
     inputs = inputs if inputs is not None else load_inputs(req)
     source = check_available(req)
     req = for_family(req, family_of_source(source))
@@ -96,10 +98,12 @@ def run(req, sinks: Sequence = (), *, inputs: Inputs | None = None,
         ready = prepare(req, source, inputs, previews=any(sink.pictures for sink in sinks), continuation=continuation)
         interrupts.raise_if_pending()  # a Ctrl-C that an import or a load swallowed
         req = ready.request
+        maps = attention_maps(req, ready, sinks, continuation)  # --attention: [its sink], or BadInput now, or []
+        sinks += maps
         info = _info(req, source, ready, time.perf_counter() - started, continuation)
         for sink in sinks:
             sink.start(info)
-        with _cancellable(ready.pipe, cancelled):
+        with _cancellable(ready.pipe, cancelled), recording(maps):  # the maps' processors: for the loop alone
             image = _denoise(req, ready, info, sinks, cancelled or (lambda: False), continuation)
         outcome = Outcome("complete" if image is not None else "stopped", image)
         info.timings["total"] = round(time.perf_counter() - started, 4)

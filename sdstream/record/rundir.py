@@ -3,6 +3,7 @@
     RUN/run.json             the manifest; its "files" lists every file sdstream wrote into the folder
     RUN/final.png            the image, with its parameters as PNG text
     RUN/frames/step-NNNN.png a picture per step (or every Nth)
+    RUN/attention/...        --attention's maps and heat maps (record/attention.py, written through write())
 
 A folder is known as a run by its manifest (written by sdstream, listing its files), never by file names:
 --overwrite replaces only what that list names, refuses a folder holding anything else, and never follows a
@@ -20,6 +21,7 @@ import fcntl
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import tempfile
@@ -39,6 +41,7 @@ FINAL = "final.png"
 FRAMES = "frames"
 TENSORS = "tensors"  # tensors/step-NNNN.safetensors: --save-tensors
 STATE = "state"  # state/step-NNNN.safetensors: what to continue from after step NNNN
+ATTENTION = "attention"  # attention/step-NNNN.safetensors, attention/<word>/step-NNNN.png: --attention
 TENSOR_NOTICE_BYTES = 256 * 2**20  # --save-tensors says how much it will write past this
 FLUSH_SECONDS = 1.0  # run.json is rewritten during a run at most this often (frames so far, heartbeat)
 RESERVE = 4096  # trailing spaces in run.json: room for its last word when the disk is full
@@ -235,6 +238,9 @@ class RunFolder(Sink):
         self._timesteps: dict[int, int] = {}
         self.manifest: dict = {}
         self.writer: Writer | None = None
+        self._folders: set[str] = set()  # the folders write() made ("attention/")
+        self._kept: set[str] = set()  # on resume: the files it wrote before, other than frames, tensors and states
+        self._annotated: set[str] = set()  # run.json's entries that other sinks own (annotate())
 
     # ---------------------------------------------------------------- before the model loads
 
@@ -315,6 +321,8 @@ class RunFolder(Sink):
             if key in earlier:
                 self.manifest[key] = earlier[key]
         self.manifest["resumed"] = [*earlier.get("resumed", []), {"at_step": at, "time": _now()}]
+        self._kept = {f for f in earlier.get("files") or () if f not in (MANIFEST, FINAL)
+                      and Path(f).parts[0] not in (FRAMES, TENSORS, STATE)}
 
     def _link_parent_frames(self, cont) -> None:
         """A branch's frames before its step are its parent's: linked (copied where links can't be), not redrawn."""
@@ -350,6 +358,27 @@ class RunFolder(Sink):
             self.manifest["injected_at"].append(ev.step)
         if time.monotonic() - self._flushed > FLUSH_SECONDS:
             self.flush()
+
+    def write(self, name: str, payload, encode, step: int = 0) -> Path:
+        """Write PAYLOAD into the run folder as NAME (a path inside it: attention/step-0001.safetensors) through the
+        run's writer, off the loop's thread as frames are (ENCODE(payload) makes its bytes there; tensors on a GPU
+        are copied without blocking): for other sinks' files. run.json's "files" lists the file once it is on
+        disk, and its folders from now on."""
+        relative = Path(name)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise ValueError(f"{name!r} is not a path inside the run folder")
+        folder = relative.parent
+        if folder != Path(".") and f"{folder}/" not in self._folders:
+            (self.path / folder).mkdir(parents=True, exist_ok=True)
+            self._folders |= {f"{p}/" for p in (folder, *folder.parents) if p != Path(".")}
+        return self.writer.submit(self.path / relative, payload, encode, "files", step)
+
+    def annotate(self, key: str, value) -> None:
+        """Another sink's own entry KEY in run.json (JSON values), written with the next flush."""
+        if key in self.manifest and key not in self._annotated:
+            raise ValueError(f"run.json's {key!r} is the run folder's own")
+        self._annotated.add(key)
+        self.manifest[key] = value
 
     @property
     def manifest_request(self):
@@ -398,8 +427,9 @@ class RunFolder(Sink):
         for kind in ("frames", "tensors", "states"):
             m[kind] = [{"step": step, **({"timestep": self._timesteps.get(step)} if kind == "frames" else {}),
                         "file": file} for k, step, file in written if k == kind]
-        made = [f"{d}/" for d in (FRAMES, TENSORS, STATE) if (self.path / d).is_dir()]
-        m["files"] = sorted({MANIFEST, *made, *(f for _, _, f in written), *([m["image"]] if m["image"] else [])})
+        made = [f"{d}/" for d in (FRAMES, TENSORS, STATE) if (self.path / d).is_dir()] + sorted(self._folders)
+        m["files"] = sorted({MANIFEST, *made, *self._kept, *(f for _, _, f in written),
+                             *([m["image"]] if m["image"] else [])})
         m["updated"] = _now()
         text = (json.dumps(m, indent=2) + "\n").encode()
         try:
@@ -598,6 +628,26 @@ class RunRecord:
             raise BadInput(f"run {str(self.dir)!r}: {entry['file']!r} is not in the run folder")
         return load_file(str(path))
 
+    def attention(self, step: int) -> dict:
+        """STEP's cross-attention maps (--attention) as a dict of word -> [h, w] float32 tensor on the latent grid:
+        <start>, each word of the prompt as written (a repeated one as word#2), <end> (the end token and the
+        padding). At each place the maps sum to 1: the share of the attention each gets (run.json's "attention")."""
+        from safetensors import safe_open
+
+        name = f"{ATTENTION}/step-{step:04d}.safetensors"
+        files = set(self.manifest.get("files") or ())
+        if name not in files:
+            found = (re.fullmatch(rf"{ATTENTION}/step-(\d+)\.safetensors", f) for f in files)
+            kept = sorted(int(m.group(1)) for m in found if m)
+            raise BadInput(f"run {str(self.dir)!r} recorded no attention maps of step {step}" +
+                           (f" (it has steps {kept[0]}-{kept[-1]})" if kept else " (it ran without --attention)"))
+        path = self.dir / name
+        if not path.resolve().is_relative_to(self.dir.resolve()) or not path.is_file():
+            raise BadInput(f"run {str(self.dir)!r}: {name!r} is not in the run folder")
+        with safe_open(str(path), framework="pt") as f:
+            keys, maps = json.loads(f.metadata()["tokens"]), f.get_tensor("maps")
+        return {key: maps[i].float() for i, key in enumerate(keys)}
+
     @property
     def measures(self) -> dict:
         """The per-step measures (x0_change, guidance_gap, latent_std, injected_rms, with their steps)."""
@@ -661,5 +711,5 @@ def read_run(run_dir: str | Path, *, need_frames: bool = True) -> RunRecord:
 
 def open_run(run_dir: str | Path) -> RunRecord:
     """A finished (or stopped, or failed) run folder, for scripts: .manifest, .steps, .frame(step),
-    .tensors(step), .measures, .status."""
+    .tensors(step), .attention(step), .measures, .status."""
     return read_run(run_dir, need_frames=False)
