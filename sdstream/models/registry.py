@@ -29,6 +29,12 @@ ALIASES: dict[str, tuple[str, str, str]] = {
         "DDPO fine-tune of SD 1.4 for JPEG incompressibility",
     ),
     "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "SD 1.x", "Stable Diffusion 1.5"),
+    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "SDXL", "Stable Diffusion XL base 1.0, 1024x1024"),
+    "sd3-medium": ("stabilityai/stable-diffusion-3-medium-diffusers", "SD3",
+                   "Stable Diffusion 3 Medium, 1024x1024 (gated: accept its licence on the Hub first)"),
+    "flux-schnell": ("black-forest-labs/FLUX.1-schnell", "FLUX", "FLUX.1 [schnell], 1-4 steps, guidance-free"),
+    "flux-dev": ("black-forest-labs/FLUX.1-dev", "FLUX",
+                 "FLUX.1 [dev], guidance-distilled (gated: accept its licence on the Hub first)"),
     "tiny": ("(embedded)", "toy", "toy SD trained by sdstream on coloured shapes, 32x32, offline: demos and tests"),
 }
 
