@@ -13,4 +13,18 @@ def main() -> None:
 
         print("Interrupted." if interrupts.exit_code() == 130 else "Terminated.", file=sys.stderr)
         raise SystemExit(interrupts.exit_code()) from None
-    cli()
+    try:
+        cli()
+    finally:
+        if interrupts.received() is not None:
+            # Handled and reported, but CPython may still end the process by SIGINT at exit (exit status -2, not
+            # 130) when the KeyboardInterrupt passed through certain C frames on its way: leave with our code.
+            import os
+            import sys
+
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(interrupts.exit_code())

@@ -22,6 +22,9 @@ from .options import Option, option, options_of
 
 MAX_SEED = 2**64 - 1
 MAX_STEPS = 500  # DDIM's schedule runs past SD's 1000 training timesteps at 1000 steps
+# the model's own when not given (core/families' traits, models/registry's ALIAS_DEFAULTS), in words
+STEPS_DEFAULTS = "the model's: 20 SD 1.x/2.x, 30 SDXL, 28 SD3 and FLUX, 4 flux-schnell"
+GUIDANCE_DEFAULTS = "the model's: 7.5 SD 1.x/2.x, 5 SDXL, 7 SD3, 3.5 FLUX, 0 flux-schnell"
 DEFAULT_INJECT_FRACTION = 0.3  # --mask alone injects 30% into the run: late enough to keep composition
 PREVIEWS = ("auto", "approx", "vae", "taesd", "none")  # how frames are decoded (see core/preview.py)
 FRAME_SOURCES = ("x0", "latent", "x0-cond", "x0-uncond")  # x0-cond/-uncond: what each half of guidance predicts
@@ -47,8 +50,9 @@ class GenerationRequest:
     prompt: str = option("", "What to draw.", PROMPT, short="-p", metavar="TEXT")
     negative_prompt: str = option("", "What to steer away from (the unconditional half of guidance).", PROMPT,
                                   metavar="TEXT")
-    guidance: float = option(7.5, "Classifier-free guidance scale, 0-100; off at 1 or below.", PROMPT,
-                             range=(0, 100), metavar="G", api="guidance_scale", a1111="CFG scale")
+    guidance: float = option(None, "Classifier-free guidance scale, 0-100; off at 1 or below (FLUX: the guidance "
+                             "its model embeds).", PROMPT, kind="float", range=(0, 100), metavar="G",
+                             api="guidance_scale", a1111="CFG scale", shown_default=GUIDANCE_DEFAULTS)
     prompt_at: tuple[tuple[int, str], ...] = option(
         (), "From step K on, the conditional prompt is TEXT (repeatable): AUTOMATIC1111's prompt editing.", PROMPT,
         kind="pairs", range=(1, MAX_STEPS + 1), metavar="K:TEXT", a1111="Prompt at")
@@ -65,7 +69,8 @@ class GenerationRequest:
     model: str | None = option(
         None, "An alias (see `sdstream models`), a Hugging Face repo id or a local diffusers folder.", MODEL,
         short="-m", metavar="M", shown_default="$SDSTREAM_MODEL or compressibility")
-    steps: int = option(20, "Denoising steps, 1-500.", MODEL, range=(1, MAX_STEPS), metavar="N", a1111="Steps")
+    steps: int = option(None, "Denoising steps, 1-500.", MODEL, kind="int", range=(1, MAX_STEPS), metavar="N",
+                        a1111="Steps", shown_default=STEPS_DEFAULTS)
     scheduler: str = option("auto", "How each step moves the latent: " + ", ".join(SCHEDULERS) + "; auto: the model "
                             "family's own (ddim for SD 1.x/2.x and SDXL, flow-euler for SD3 and FLUX).", MODEL,
                             kind="choice", choices=lambda: ("auto", *SCHEDULERS), canonical=canonical_scheduler,
@@ -157,6 +162,11 @@ class GenerationRequest:
         """A copy with names made canonical, defaults of applicable options filled in and the seed fixed,
         or BadInput naming the bad value and what is allowed."""
         values = {name: opt.check(getattr(self, name)) for name, opt in OPTIONS.items()}
+        if values["steps"] is None or values["guidance"] is None:  # the model's own (its alias's or family's)
+            from .models.registry import model_defaults
+
+            defaults = model_defaults(values["model"])
+            values = {**values, **{k: defaults[k] for k in ("steps", "guidance") if values[k] is None}}
         for name, opt in OPTIONS.items():  # options that apply only with another: refused without it
             if values[name] is not None and opt.needs and not opt.applies(values):
                 raise BadInput(f"{opt.flag} applies only with {opt.needs_text(OPTIONS)}; add that or drop {opt.flag}")

@@ -176,7 +176,7 @@ def _interrupt(after: float, times: int = 1, gap: float = 0.05) -> tuple[int, st
     return proc.returncode, stderr
 
 
-@pytest.mark.parametrize("after", [0.3, 2.0])  # while typer and rich load; while torch and diffusers import
+@pytest.mark.parametrize("after", [0.3, 2.0, 5.0])  # typer and rich load; torch and diffusers import; steps run
 def test_9_ctrl_c_at_any_moment_exits_130_without_a_traceback(after):
     code, stderr = _interrupt(after)
     assert code == 130 and "Traceback" not in stderr and "Error" not in stderr, stderr

@@ -53,7 +53,8 @@ def test_the_server_body_and_its_description_of_the_options_follow_from_them():
                                                  "init_image", "start_step", "prompt_image", "seed"}
     described = [opt.describe() for opt in served]
     steps = next(d for d in described if d["name"] == "steps")
-    assert steps["range"] == [1, 500] and steps["default"] == 20  # one limit, everywhere
+    assert steps["range"] == [1, 500] and steps["default"] is None  # one limit, everywhere; the model's default
+    assert steps["shown_default"].startswith("the model's: 20 SD 1.x/2.x")
     assert next(d for d in described if d["name"] == "scheduler")["choices"][:3] == ["auto", "ddim", "euler"]
     assert next(d for d in described if d["name"] == "noise_strength")["needs"] == "mask"
     ui = (ROOT / "sdstream" / "static" / "ui.html").read_text()

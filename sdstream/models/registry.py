@@ -18,7 +18,7 @@ from .notes import check_vocabulary, model_notes
 DEFAULT_MODEL = "compressibility"  # as the original service
 DEFAULT_TAESD = "madebyollin/taesd"  # --preview taesd without --taesd
 
-# alias -> (hub repo id, family, what it is)
+# alias -> (hub repo id, family (its Traits' name), what it is)
 ALIASES: dict[str, tuple[str, str, str]] = {
     "aesthetic": ("kvablack/ddpo-aesthetic", "SD 1.x", "DDPO fine-tune of SD 1.4 for aesthetic score"),
     "alignment": ("kvablack/ddpo-alignment", "SD 1.x", "DDPO fine-tune of SD 1.4 for prompt alignment"),
@@ -37,6 +37,9 @@ ALIASES: dict[str, tuple[str, str, str]] = {
                  "FLUX.1 [dev], guidance-distilled (gated: accept its licence on the Hub first)"),
     "tiny": ("(embedded)", "toy", "toy SD trained by sdstream on coloured shapes, 32x32, offline: demos and tests"),
 }
+
+# what --steps and --guidance are for an alias whose own differ from its family's
+ALIAS_DEFAULTS = {"flux-schnell": {"steps": 4, "guidance": 0.0}}  # timestep-distilled, guidance-free
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -210,6 +213,28 @@ def vae_factor(folder: Path) -> int | None:
         return 2 ** (len(config["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def model_defaults(model: str | None) -> dict:
+    """{"steps", "guidance"} when not given, for --model MODEL: its alias's, else its family's (from its folder or
+    alias; SD 1.x/2.x's when neither says). Reads at most a small JSON file; a bad MODEL is reported elsewhere."""
+    from ..core.families import FAMILIES, SD
+
+    try:
+        source = resolve(model)
+    except BadInput:
+        return {"steps": SD.steps, "guidance": SD.guidance}
+    if source.alias in ALIAS_DEFAULTS:
+        return dict(ALIAS_DEFAULTS[source.alias])
+    if source.alias in ALIASES:
+        by_name = {t.name.split("/")[0]: t for t in FAMILIES.values()}  # "SD 1.x/2.x" is listed as "SD 1.x"
+        family = by_name.get(ALIASES[source.alias][1], SD)
+    else:
+        try:
+            family = family_of_source(source) or SD
+        except BadInput:
+            family = SD
+    return {"steps": family.steps, "guidance": family.guidance}
 
 
 def family_of_source(source: ModelSource):
