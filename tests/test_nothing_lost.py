@@ -147,7 +147,7 @@ def test_7_disk_full_before_the_run_leaves_nothing_that_blocks_a_rerun(tiny, tmp
     sdstream.run(GenerationRequest(model="tiny", steps=2, seed=1), tmp_path / "r")  # a plain rerun works
 
 
-def test_8_a_killed_run_reads_as_killed_with_its_frames(tmp_path):
+def test_8_a_killed_run_reads_as_killed_with_its_frames(tmp_path, cli):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "sdstream", "generate", "-m", "tiny", "--steps", "400", "--json",
                              "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -160,6 +160,20 @@ def test_8_a_killed_run_reads_as_killed_with_its_frames(tmp_path):
     assert run.manifest["status"] == "running" and run.status == "killed"
     on_disk = {p.name for p in (out / "frames").iterdir()}
     assert 20 <= len(run.frames) and {f.path.name for f in run.frames} <= on_disk
+    code, _, stderr = cli("generate", *QUICK, "-o", str(out), "--overwrite")  # its unlisted last frames are its own
+    assert code == 0, stderr
+    assert sorted(p.name for p in (out / "frames").iterdir()) == ["step-0001.png", "step-0002.png"]
+
+
+def test_8_a_run_killed_before_it_listed_its_frames_is_still_replaced_whole(cli, earlier):
+    manifest = json.loads((earlier / "run.json").read_text())
+    manifest.update(status="running", frames=[], files=["run.json"])  # killed between mkdir frames/ and a rewrite
+    (earlier / "run.json").write_text(json.dumps(manifest))
+    (earlier / "final.png").unlink()
+    (earlier / "frames" / "step-0007.webp").write_bytes(b"a frame of a longer run, never listed")
+    code, _, stderr = cli("generate", *QUICK, "-o", str(earlier), "--overwrite")
+    assert code == 0, stderr
+    assert sorted(p.name for p in (earlier / "frames").iterdir()) == ["step-0001.png", "step-0002.png"]
 
 
 # 9: signals, from the first instruction

@@ -42,6 +42,7 @@ FRAMES = "frames"
 TENSORS = "tensors"  # tensors/step-NNNN.safetensors: --save-tensors
 STATE = "state"  # state/step-NNNN.safetensors: what to continue from after step NNNN
 ATTENTION = "attention"  # attention/step-NNNN.safetensors, attention/<word>/step-NNNN.png: --attention
+OWN_FOLDERS = (FRAMES, TENSORS, STATE, ATTENTION)  # the folders of per-step files a run makes
 TENSOR_NOTICE_BYTES = 256 * 2**20  # --save-tensors says how much it will write past this
 FLUSH_SECONDS = 1.0  # run.json is rewritten during a run at most this often (frames so far, heartbeat)
 RESERVE = 4096  # trailing spaces in run.json: room for its last word when the disk is full
@@ -67,9 +68,18 @@ def listed_files(manifest: dict) -> set[str]:
     return files | {MANIFEST}
 
 
+def _step_file(rel: str) -> bool:
+    """Whether REL is a per-step file in one of the folders a run makes (frames/step-0003.png,
+    attention/red/step-0003.png): a run killed between two rewrites of run.json leaves some unlisted."""
+    parts = Path(rel).parts
+    return (len(parts) >= 2 and parts[0] in OWN_FOLDERS and (len(parts) == 2 or parts[0] == ATTENTION)
+            and re.fullmatch(r"step-\d{4,}\.[a-z]+", parts[-1]) is not None)
+
+
 def foreign_entries(path: Path, listed: set[str]) -> list[str]:
     """What PATH holds that LISTED does not name: other files, unlisted folders, links (never followed).
-    A listed name ending in / is a folder the run made."""
+    A listed name ending in / is a folder the run made; the per-step files of a run's own folders are its own
+    even where a killed run did not get to list them."""
     folders = {f.rstrip("/") for f in listed if f.endswith("/")} | {str(Path(f).parent) for f in listed} - {"."}
     folders |= {str(p) for f in folders for p in Path(f).parents if str(p) != "."}
     found = []
@@ -81,11 +91,13 @@ def foreign_entries(path: Path, listed: set[str]) -> list[str]:
                 if entry.is_symlink():
                     found.append(f"{name} (a link)")
                 elif entry.is_dir(follow_symlinks=False):
-                    if name in folders:
+                    parts = Path(name).parts
+                    if name in folders or name in OWN_FOLDERS or (len(parts) == 2 and parts[0] == ATTENTION):
                         walk(Path(entry.path), name)
                     else:
                         found.append(name + "/")
-                elif name not in listed and not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+                elif name not in listed and not _step_file(name) and not (
+                        entry.name.startswith(".") and entry.name.endswith(".tmp")):
                     found.append(name)  # (.name.*.tmp: a temporary file of an interrupted atomic write)
 
     walk(path, "")
@@ -171,6 +183,15 @@ def clear(path: Path, manifest: dict) -> None:
             pass
     for stale in path.rglob(".*.tmp"):
         stale.unlink(missing_ok=True)
+    for own in OWN_FOLDERS:  # step files a killed run did not list, and the folders they leave empty
+        if (path / own).is_dir() and not (path / own).is_symlink():
+            for step in sorted((path / own).rglob("step-*"), key=lambda p: len(p.parts), reverse=True):
+                if step.is_file() and not step.is_symlink() and _step_file(str(step.relative_to(path))):
+                    step.unlink()
+            for folder in sorted((p for p in (path / own).rglob("*") if p.is_dir()), key=lambda p: len(p.parts),
+                                 reverse=True) + [path / own]:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def register_files(run_dir: Path, names: list[str]) -> None:
