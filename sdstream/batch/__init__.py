@@ -5,11 +5,12 @@
 
 parse.py reads the file, plan.py checks every line before anything runs (and matches it against what is on
 disk), run.py runs the lines through the orchestrator and writes OUT/batch.json, distribute.py splits them over
-the processes of `accelerate launch`.
+the processes of `accelerate launch`, ray_pool.py over the workers of a Ray cluster (`--ray`).
 """
 
 from .parse import BadLines, read_source
 from .plan import BatchRun, plan
+from .ray_pool import RayCluster
 from .run import SUMMARY, BatchResult, run_batch
 
-__all__ = ["BadLines", "BatchResult", "BatchRun", "SUMMARY", "plan", "read_source", "run_batch"]
+__all__ = ["BadLines", "BatchResult", "BatchRun", "RayCluster", "SUMMARY", "plan", "read_source", "run_batch"]

@@ -1,6 +1,7 @@
 """Running a planned batch: each line through the orchestrator into its own run folder (models load once, the
 loader caches them), OUT/batch.json summing up every line. Under `accelerate launch` the lines are split across
-the processes (distribute.py)."""
+the processes (distribute.py); with ray= they go to a pool of Ray workers (ray_pool.py), planned and summed up
+by the same code."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ..errors import BadInput
 from ..record.files import new_dir, write_json
 from ..record.rundir import open_run, write_failed
 from ..request import GenerationRequest
-from .distribute import distributed, distributed_state, from_main, process_device
+from .distribute import distributed, distributed_state, from_main, process_device, shared_out
 from .plan import BatchRun, plan
 
 SUMMARY = "batch.json"
@@ -55,6 +56,7 @@ def run_batch(
     on_event: Callable[[dict], None] = lambda event: None,
     animations: Iterable[str] = (),
     check: Callable[[GenerationRequest], None] | None = None,
+    ray=None,
 ) -> BatchResult:
     """Run every line of SOURCE into OUT (default outputs/<time>-batch), each into OUT/NNNN-<prompt>/.
 
@@ -65,7 +67,15 @@ def run_batch(
     "gathered": true) the other processes' runs, and the summary. A KeyboardInterrupt stops the batch: the
     current run is left "interrupted", OUT/batch.json is written, and the exception is re-raised with the
     BatchResult as its .batch_result.
+
+    RAY (a ray_pool.RayCluster) runs the lines on a pool of Ray workers instead, scheduled as they free up, a
+    line whose worker died retried elsewhere; SINKS are not used there (the steps happen on the workers).
     """
+    if ray is not None:
+        from .ray_pool import run_batch_ray
+
+        return run_batch_ray(source, out, defaults, ray, force=force, keep_going=keep_going, on_event=on_event,
+                             animations=animations, check=check)
     if isinstance(source, (str, Path)) and str(source) == "-" and distributed():
         raise BadInput("a batch read from stdin ('-') runs in one process; give accelerate launch a file")
     auto_named, out = out is None, Path(out) if out is not None else new_dir(Path("outputs"), "batch")
@@ -88,23 +98,12 @@ def run_batch(
 
     todo = [r for r in runs if r.request is not None and not r.skip]
     if is_main:
-        for run in runs:
-            if run.redo:
-                on_event({"event": "warning", "line": run.line,
-                          "message": f"line {run.line}: the complete run in {run.run_dir} was made with a different "
-                                     f"{', '.join(run.redo)}; making it again"})
-        for run in runs:
-            if run.request is None or run.skip:
-                if run.skip and animations:
-                    try:
-                        _animate(run.run_dir, animations, missing_only=True)
-                    except Exception as e:  # a kept run stays kept; say why it has no animation
-                        on_event({"event": "warning", "line": run.line, "message": f"line {run.line}: {e}"})
-                report(run, _row(run))
+        _announce(runs, animations, on_event, report)
     out.mkdir(parents=True, exist_ok=True)
 
     mine = todo
     if state is not None:
+        shared_out(state, out)  # several machines: one --out for all, or nothing runs
         state.wait_for_everyone()  # every process has read the run folders before any run starts
         with state.split_between_processes(todo) as share:
             mine = list(share)
@@ -143,6 +142,24 @@ def run_batch(
     return result
 
 
+def _announce(runs: list[BatchRun], animations, on_event, report) -> None:
+    """Before any run: a warning for each complete run that is made again, and the rows of the kept and bad lines
+    (a kept run gets the animations it lacks)."""
+    for run in runs:
+        if run.redo:
+            on_event({"event": "warning", "line": run.line,
+                      "message": f"line {run.line}: the complete run in {run.run_dir} was made with a different "
+                                 f"{', '.join(run.redo)}; making it again"})
+    for run in runs:
+        if run.request is None or run.skip:
+            if run.skip and animations:
+                try:
+                    _animate(run.run_dir, animations, missing_only=True)
+                except Exception as e:  # a kept run stays kept; say why it has no animation
+                    on_event({"event": "warning", "line": run.line, "message": f"line {run.line}: {e}"})
+            report(run, _row(run))
+
+
 def _check_summary(out: Path) -> None:
     """A batch.json in OUT that is not a batch summary of sdstream's is the user's: never replaced."""
     path = out / SUMMARY
@@ -156,15 +173,16 @@ def _check_summary(out: Path) -> None:
         raise BadInput(f"--out {str(out)!r} holds a {SUMMARY} sdstream did not write; choose another folder")
 
 
-def _execute(run: BatchRun, request: GenerationRequest, sinks, animations) -> dict:
-    """Run one line; a failure is recorded (in run.json too) and returned, never raised."""
+def _execute(run: BatchRun, request: GenerationRequest, sinks, animations, cancelled=None) -> dict:
+    """Run one line; a failure is recorded (in run.json too) and returned, never raised. CANCELLED (asked before
+    each step, see orchestrator.run) stops it as an interrupt: KeyboardInterrupt, the run left "interrupted"."""
     from ..record.orchestrator import run as orchestrate
     from ..record.rundir import RunFolder
 
     started = time.perf_counter()
     folder = RunFolder(run.run_dir, overwrite=True)
     try:
-        orchestrate(request, [folder, *sinks], inputs=run.inputs)
+        orchestrate(request, [folder, *sinks], inputs=run.inputs, cancelled=cancelled)
         _animate(run.run_dir, animations)
     except Exception as e:
         if folder.manifest == {}:  # failed before the run started (the model could not load, a model check)
@@ -219,7 +237,8 @@ def _rows(runs: list[BatchRun], outcomes: dict[int, dict], todo_status: str | No
     return rows
 
 
-def _summarise(result: BatchResult, source, started: str, on_event) -> None:
+def _summarise(result: BatchResult, source, started: str, on_event, extra: dict | None = None) -> None:
+    """OUT/batch.json (EXTRA: more top-level fields, e.g. the Ray pool's), then the summary event."""
     write_json(result.out / SUMMARY, {
         "sdstream": __version__,
         "file": source if isinstance(source, str) else str(source) if isinstance(source, Path) else None,
@@ -229,6 +248,7 @@ def _summarise(result: BatchResult, source, started: str, on_event) -> None:
         "interrupted": result.interrupted,
         "exit_code": result.exit_code,
         "counts": result.counts,
+        **(extra or {}),
         "rows": result.rows,
     })
     on_event({"event": "summary", **result.counts, "out": str(result.out), "batch": str(result.out / SUMMARY),
