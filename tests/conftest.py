@@ -100,6 +100,15 @@ def sdstream_cli(*args: str, cwd: Path | None = None, timeout: float = 120, env:
     )
 
 
+def error_line(result) -> str:
+    """The one `Error: ...` line of a (code, stdout, stderr) that exited 2."""
+    code, _, stderr = result
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
+    return lines[0]
+
+
 def read_line(stream, timeout: float = 60) -> str:
     """The next line from a subprocess's pipe, or an AssertionError after TIMEOUT seconds (never a hang)."""
     deadline = time.monotonic() + timeout

@@ -12,6 +12,8 @@ import sdstream
 from sdstream import GenerationRequest
 from sdstream.views import animate, compare, draw, sheet
 
+from conftest import error_line
+
 STEPS = 8
 
 
@@ -23,14 +25,6 @@ def runs(tmp_path_factory):
     for seed, steps, out in [(1, STEPS, a), (1, STEPS, b), (2, 6, c)]:
         sdstream.run(GenerationRequest(prompt="a red circle", model="tiny", seed=seed, steps=steps), out)
     return a, b, c
-
-
-def _error_line(result) -> str:
-    code, _, stderr = result
-    assert code == 2, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
-    return lines[0]
 
 
 def test_animate_gif_frames_size_and_hold(runs, tmp_path, cli):
@@ -48,7 +42,7 @@ def test_animate_gif_frames_size_and_hold(runs, tmp_path, cli):
     assert durations[:-1] == [100] * (STEPS - 1) and durations[-1] == 100 + 1000 * draw.HOLD_SECONDS
 
     # never overwritten silently
-    assert "exists" in _error_line(cli("animate", str(a)))
+    assert "exists" in error_line(cli("animate", str(a)))
 
     # --every keeps the last frame; webp by --out suffix; --no-loop
     out = tmp_path / "x" / "anim.webp"
@@ -78,7 +72,7 @@ def test_sheet_is_a_grid_of_cells(runs, tmp_path, cli):
     assert made.size[0] == 2 * made.cell[0] + 3 * draw.GAP
     assert made.boxes[2][1] - made.boxes[0][1] == made.cell[1] + draw.GAP  # the third cell starts the second row
 
-    assert "step 9" in _error_line(cli("sheet", str(a), "--steps", "1,9", "-o", str(tmp_path / "n.png")))
+    assert "step 9" in error_line(cli("sheet", str(a), "--steps", "1,9", "-o", str(tmp_path / "n.png")))
 
 
 def test_compare_identical_runs_differ_nowhere(runs, tmp_path, cli):
@@ -97,12 +91,12 @@ def test_compare_identical_runs_differ_nowhere(runs, tmp_path, cli):
     assert result["letters"] == ["A", "B"] and result["labels"] == ["a", "b"]  # same options: named by folder
     assert (out / "sheet.png").is_file()
     # a non-empty --out is refused
-    assert "not empty" in _error_line(cli("compare", str(a), str(b), "--out", str(out)))
+    assert "not empty" in error_line(cli("compare", str(a), str(b), "--out", str(out)))
 
 
 def test_compare_different_step_counts_needs_align(runs, tmp_path, cli):
     a, _, c = runs
-    line = _error_line(cli("compare", str(a), str(c), "--out", str(tmp_path / "no")))
+    line = error_line(cli("compare", str(a), str(c), "--out", str(tmp_path / "no")))
     assert "--align" in line
     assert not (tmp_path / "no").exists()
 
@@ -124,13 +118,13 @@ def test_show(runs, cli):
 
 
 def test_bad_run_dirs(runs, tmp_path, cli):
-    assert "does not exist" in _error_line(cli("animate", str(tmp_path / "nope")))
-    assert "run.json" in _error_line(cli("show", str(tmp_path)))
+    assert "does not exist" in error_line(cli("animate", str(tmp_path / "nope")))
+    assert "run.json" in error_line(cli("show", str(tmp_path)))
     empty = tmp_path / "empty"
     shutil.copytree(runs[0], empty, ignore=shutil.ignore_patterns("*.gif", "*.webp", "sheet.png"))
     manifest = json.loads((empty / "run.json").read_text())
     (empty / "run.json").write_text(json.dumps({**manifest, "frames": []}))
-    assert "no frames" in _error_line(cli("sheet", str(empty)))
+    assert "no frames" in error_line(cli("sheet", str(empty)))
     assert cli("show", str(empty))[0] == 0  # a run without frames can still be summarised
 
 

@@ -13,6 +13,8 @@ import sdstream
 from sdstream import GenerationRequest
 from sdstream.views import draw, grid
 
+from conftest import error_line
+
 STEPS, INJECT = 6, 3
 PROMPT = "a red circle on a blue background"
 
@@ -39,14 +41,6 @@ def runs(tmp_path_factory):
     (other / "failed" / "final.png").unlink()
     (other / "failed" / "run.json").write_text(json.dumps({**manifest, "status": "failed", "image": None}))
     return batch, other
-
-
-def _error_line(result) -> str:
-    code, _, stderr = result
-    assert code == 2, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
-    return lines[0]
 
 
 def _ink(image, box):
@@ -100,7 +94,7 @@ def test_grid_axes_by_name_and_a_step(runs, tmp_path, cli):
             badge = int((np.abs(np.asarray(im.convert("RGB").crop(c["box"]), dtype=np.int32)
                                 - np.asarray(draw.BADGE)).sum(axis=2) == 0).sum())
             assert (badge > 50) == (c["column"] == 1) and (c["injected"] == [INJECT]) == (c["column"] == 1), c
-    line = _error_line(cli("grid", str(batch), "--step", "99", "-o", str(tmp_path / "n.png")))
+    line = error_line(cli("grid", str(batch), "--step", "99", "-o", str(tmp_path / "n.png")))
     assert "--step 99" in line and "no frame for step 99" in line and "1-6" in line
     # one option varying: one row
     one = grid.make_grid([batch / "1-plain", batch / "2-masked"], size=32, out=tmp_path / "one.png")
@@ -119,7 +113,7 @@ def test_grid_refusals_are_one_line(runs, tmp_path, cli, which, args, expect):
     batch, other = runs
     dirs = {"three": [batch, other / "guidance"], "same": [batch, other / "same"], "batch": [batch],
             "failed": [batch / "3-plain", other / "failed"]}[which]
-    line = _error_line(cli("grid", *map(str, dirs), *args, "-o", str(tmp_path / "g.png")))
+    line = error_line(cli("grid", *map(str, dirs), *args, "-o", str(tmp_path / "g.png")))
     for part in expect:
         assert part in line, line
     assert not (tmp_path / "g.png").exists()
@@ -142,7 +136,7 @@ def test_grid_default_output_is_new_and_never_overwritten(runs, tmp_path, cli, m
     assert len(made) == 2 and all(p.name.endswith(".png") for p in made)
     target = tmp_path / "mine.png"
     target.write_bytes(b"mine")
-    assert "exists" in _error_line(cli("grid", str(batch), "-o", str(target)))
+    assert "exists" in error_line(cli("grid", str(batch), "-o", str(target)))
     assert target.read_bytes() == b"mine"
     assert cli("grid", str(batch), "-o", str(target), "--overwrite", "-q")[0] == 0
     # written into a run folder: listed as that run's file

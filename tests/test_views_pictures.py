@@ -14,6 +14,8 @@ import sdstream
 from sdstream import GenerationRequest
 from sdstream.views import draw, sheet
 
+from conftest import error_line
+
 STEPS = 6
 PROMPT = "a red circle on a blue background"
 
@@ -30,14 +32,6 @@ def runs(tmp_path_factory):
         with Image.open(frame) as im:
             im.convert("RGB").resize((16, 16), Image.Resampling.BOX).save(frame)
     return run, latent
-
-
-def _error_line(result) -> str:
-    code, _, stderr = result
-    assert code == 2, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
-    return lines[0]
 
 
 def _gif_frames(path):
@@ -151,7 +145,7 @@ def test_sheet_labels_scale_with_size(runs, tmp_path):
 ])
 def test_unknown_suffix_is_one_line(runs, tmp_path, cli, command, name, expect):
     run, _ = runs
-    line = _error_line(cli(command, str(run), "-o", str(tmp_path / name)))
+    line = error_line(cli(command, str(run), "-o", str(tmp_path / name)))
     assert expect in line and str(tmp_path / name) in line
     assert not (tmp_path / name).exists()
 
