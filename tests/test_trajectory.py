@@ -104,16 +104,29 @@ def test_stop_then_resume_is_the_uninterrupted_run(cli, tmp_path):
     assert code == 2 and "is complete" in stderr
 
 
-def test_prompt_at_is_a_branch_at_that_step(tmp_path):
-    edited = sdstream.run(GenerationRequest(**BASE, prompt_at=("4:a green circle on a blue background",),
-                                            save_state=True), tmp_path / "edited")
+def as_flags(values: dict) -> list[str]:
+    return [str(part) for k, v in values.items() for part in (f"--{k.replace('_', '-')}", v)]
+
+
+def test_prompt_at_is_a_branch_at_that_step(cli, tmp_path):
+    code, _, stderr = cli("generate", *as_flags(BASE), "--prompt-at", "4:a green circle on a blue background",
+                          "--prompt-at", "6:a green circle on a blue background", "-o", str(tmp_path / "edited"), "-q")
+    assert code == 0, stderr
+    edited = sdstream.open_run(tmp_path / "edited")
+    assert edited.manifest["request"]["prompt_at"] == [[4, "a green circle on a blue background"],
+                                                       [6, "a green circle on a blue background"]]
     parent = sdstream.run(GenerationRequest(**BASE, save_state=True), tmp_path / "parent")
     branched = branch(parent.run_dir, tmp_path / "branch", 4, prompt="a green circle on a blue background")
-    assert np.array_equal(pixels(edited.image_path), pixels(branched.image_path))
-    assert 'Prompt at: "4:a green circle on a blue background"' in Image.open(edited.image_path).text["parameters"]
+    assert np.array_equal(pixels(edited.dir / "final.png"), pixels(branched.image_path))
+    text = Image.open(edited.dir / "final.png").text["parameters"]
+    assert 'Prompt at: "4:a green circle on a blue background' in text
 
 
-def test_tensors_are_kept_as_documented_and_read_back(tmp_path):
+def test_tensors_are_kept_as_documented_and_read_back(cli, tmp_path):
+    code, _, stderr = cli("generate", *as_flags(BASE), "--save-tensors", "latents,x0", "--save-tensors", "eps",
+                          "-o", str(tmp_path / "cli"), "-q")
+    assert code == 0, stderr
+    assert set(sdstream.open_run(tmp_path / "cli").tensors(2)) == {"latents", "x0", "eps"}
     sdstream.run(GenerationRequest(**BASE, save_tensors=("all",)), tmp_path / "r")
     run = sdstream.open_run(tmp_path / "r")
     assert [e["step"] for e in run.manifest["tensors"]] == list(range(1, 7))

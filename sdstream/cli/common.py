@@ -45,15 +45,18 @@ RUN_OPTIONS: dict[str, Option] = {name: _run_option(*spec[:3], name=name, **spec
 }.items()}
 
 
+REPEATABLE = ("steps", "names", "pairs")  # given as often as wanted: --inject-at-step 5 --inject-at-step 8
+
+
 def parameter(opt: Option) -> inspect.Parameter:
-    """OPT as a Typer option: a flag, or text (parsed by the declaration), repeatable for step lists."""
+    """OPT as a Typer option: a flag, or text (parsed by the declaration), repeatable for the kinds of lists."""
     names = [opt.flag, *([opt.short] if opt.short else [])]
     default = opt.default_text()
     help = opt.help + (needs_help(opt) if opt.needs else "") + (f" [default: {default}]" if default else "")
     settings = dict(help=help, rich_help_panel=opt.panel, show_default=False)
     if opt.kind == "flag":
         annotation, value = Annotated[bool, typer.Option(*names, metavar="", **settings)], False
-    elif opt.kind == "steps":
+    elif opt.kind in REPEATABLE:
         annotation, value = Annotated[list[str] | None, typer.Option(*names, metavar=opt.metavar, **settings)], None
     else:
         annotation, value = Annotated[str | None, typer.Option(*names, metavar=opt.metavar or "TEXT", **settings)], None
@@ -74,7 +77,7 @@ def given(options: dict[str, Option], params: dict) -> dict:
     values = {}
     for name, opt in options.items():
         raw = params.get(name)
-        if raw is None or raw is False or (opt.kind == "steps" and not raw):
+        if raw is None or raw is False or (opt.kind in REPEATABLE and not raw):
             continue
         values[name] = raw if opt.kind == "flag" else opt.parse(raw)
     return values
