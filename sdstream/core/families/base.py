@@ -81,11 +81,13 @@ class Family:
         """(eps, eps_cond, eps_uncond): the model output the scheduler steps with, and its halves."""
         raise NotImplementedError
 
-    def x0(self, scheduler, out, latents, eps, step_index: int):
+    def x0(self, scheduler, out, latents, eps, t_value: float):
+        """The clean-image estimate of the step just taken (OUT: the scheduler's output for LATENTS at the timestep
+        T_VALUE, a Python number; EPS: the model output it stepped with), as the scheduler computed it."""
         raise NotImplementedError
 
-    def x0_from(self, scheduler, step_index: int, sample, model_output):
-        """x0 for a model output the scheduler did not step with (one half of guidance)."""
+    def x0_from(self, scheduler, step_index: int, t_value: float, sample, model_output):
+        """x0 for a model output the scheduler did not step with (one half of guidance), at 0-based STEP_INDEX."""
         raise NotImplementedError
 
     def noise_unit(self, scheduler, t, like):
