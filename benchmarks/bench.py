@@ -9,6 +9,7 @@ It times, on the same model, size, steps and seed:
   (b)  diffusers + a callback_on_step_end that VAE-decodes and saves a PNG every step
   (b2) diffusers + the callback from diffusers' "Pipeline callbacks" guide (linear latents_to_rgb, PNG per step)
   (c)  sdstream.run with --preview none | approx | vae (| taesd when --taesd is given), a frame every step
+  (d)  with --trajectory: approx frames plus --save-tensors latents,x0, --save-state, or --attention
 and prints each one's median wall time and its ratio to (a). Runs are interleaved (a, b, b2, c…, a, b, …)
 so that load on the machine hits every variant alike.
 """
@@ -80,6 +81,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--taesd", help="TAESD folder or hub id: adds sdstream --preview taesd")
     ap.add_argument("--compile", action="store_true", help="adds sdstream --compile --preview approx")
+    ap.add_argument("--trajectory", action="store_true",
+                    help="adds approx with --save-tensors latents,x0, with --save-state, with --attention")
     args = ap.parse_args()
 
     import torch
@@ -124,11 +127,12 @@ def main() -> None:
         Image.fromarray(rgb.clamp(0, 255).byte().cpu().numpy().transpose(1, 2, 0)).save(work / f"b2-{i}.png")
         return kwargs
 
-    def sdstream_run(preview, compile=False):
+    def sdstream_run(preview, compile=False, **extra):
         req = GenerationRequest(prompt=prompt, model=model, steps=steps, width=size, height=size, seed=1,
                                 device=str(device), preview=preview, compile=compile,
-                                taesd=args.taesd if preview == "taesd" else None)
-        return lambda: sdstream.run(req, work / f"c-{preview}-{compile}", overwrite=True)
+                                taesd=args.taesd if preview == "taesd" else None, **extra)
+        out = work / f"c-{preview}-{compile}-{'-'.join(extra)}"
+        return lambda: sdstream.run(req, out, overwrite=True)
 
     variants = {
         "(a)  diffusers, no per-step work": diffusers_run(),
@@ -142,6 +146,10 @@ def main() -> None:
         variants["(c)  sdstream --preview taesd"] = sdstream_run("taesd")
     if args.compile:  # its warm-up below includes the compilation
         variants["(c)  sdstream --compile --preview approx"] = sdstream_run("approx", compile=True)
+    if args.trajectory:  # what recording the trajectory costs on top of approx frames
+        variants["(d)  approx + --save-tensors latents,x0"] = sdstream_run("approx", save_tensors=("latents", "x0"))
+        variants["(d)  approx + --save-state"] = sdstream_run("approx", save_state=True)
+        variants["(d)  approx + --attention"] = sdstream_run("approx", attention=True)
 
     for name, fn in variants.items():  # warm-up: first calls allocate, autotune, compile and fill caches
         started = time.perf_counter()
