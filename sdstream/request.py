@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 
 from . import masks
-from .core.schedulers import SCHEDULERS, canonical_scheduler, order, schedule_length
+from .core.schedulers import SCHEDULERS, canonical_scheduler, img2img_skip, order, schedule_length
 from .errors import BadInput
 from .options import Option, option, options_of
 
@@ -185,7 +185,7 @@ class GenerationRequest:
             raise BadInput(f"--start-step {req.start_step} is not allowed: give a step from 1 to {total} "
                            f"({req.scheduler} runs {req.steps} steps as {total})" if total != req.steps else
                            f"--start-step {req.start_step} is not allowed: give a step from 1 to {total}")
-        if req.init_image is not None and int(req.steps * req.strength) < 1:
+        if req.init_image is not None and req.steps - img2img_skip(req.scheduler, req.steps, req.strength) < 1:
             raise BadInput(f"--strength {req.strength:g} with --steps {req.steps} denoises no step; "
                            f"use a strength of at least {1 / req.steps:.3g} or more steps")
         for option_name, steps in (("--inject-at-step", req.inject_at_step or ()),
@@ -214,10 +214,10 @@ class GenerationRequest:
     @cached_property
     def first_step(self) -> int:
         """1-based schedule index of the first step this run denoises, exactly as diffusers slices the schedule:
-        img2img runs int(steps * strength) steps, starting at t_start * order (get_timesteps)."""
+        img2img skips t_start * order of it (get_timesteps; t_start as the scheduler's kind of pipeline computes
+        it: core/schedulers.img2img_skip)."""
         if self.init_image is not None:
-            t_start = self.steps - min(int(self.steps * self.strength), self.steps)
-            return t_start * order(self.scheduler) + 1
+            return img2img_skip(self.scheduler, self.steps, self.strength) * order(self.scheduler) + 1
         if self.start_image is not None:
             return self.start_step
         return 1

@@ -143,7 +143,10 @@ PLAIN = ("batch", "prompts.txt", *TINY, "--guidance", "2", "--scheduler", "euler
 
 
 def test_plain_text_prompts_take_the_command_line_defaults(cli, prompts, monkeypatch):
+    from sdstream.models import loader
+
     monkeypatch.chdir(prompts)
+    monkeypatch.setattr(loader, "_CACHE", {})  # models loaded by tests before this one (same worker) don't count
     code, stdout, stderr = cli(*PLAIN, "--out", "out")
     assert code == 0, stderr
     dirs = sorted((prompts / "out").glob("0*"))
@@ -157,9 +160,7 @@ def test_plain_text_prompts_take_the_command_line_defaults(cli, prompts, monkeyp
             "frames_every": 2}
         assert [f["step"] for f in m["frames"]] == [1, 3] and (d / "animation.gif").is_file()
     # the model was loaded once: the later runs found it in the cache
-    from sdstream.models.loader import loaded_models
-
-    assert sum(key[0].startswith("tiny:") for key in loaded_models()) == 1
+    assert sum(key[0].startswith("tiny:") for key in loader.loaded_models()) == 1
 
 
 def test_rerun_redoes_only_what_is_not_complete_and_force_redoes_all(cli, prompts, monkeypatch):

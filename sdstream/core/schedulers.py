@@ -59,6 +59,22 @@ def order(name: str) -> int:
     return SCHEDULERS[name].order if name in SCHEDULERS else 1
 
 
+def img2img_skip(name: str, steps: int, strength: float) -> int:
+    """t_start of diffusers' img2img get_timesteps: how many of STEPS a run at STRENGTH skips (times the order).
+
+    SD's and SDXL's pipelines denoise int(steps * strength) steps; SD3's and FLUX's (flow matching) skip
+    int(steps - steps * strength), in floats. The two differ where steps * strength is not whole (4 steps at 0.7:
+    2 skipped against 1) and where rounding puts it a hair under a whole number (100 steps at 0.29: 71 against 72).
+    For "auto", not decided until the model is known, the fewer of the two, so that no check made before then
+    refuses a step the model's own arithmetic allows (the request is checked again once it is decided).
+    """
+    sd = steps - min(int(steps * strength), steps)
+    flow = int(max(steps - min(steps * strength, steps), 0))
+    if name not in SCHEDULERS:
+        return min(sd, flow)
+    return flow if SCHEDULERS[name].flow else sd
+
+
 def make_scheduler(name: str, config):
     """A fresh scheduler (they are stateful) of kind NAME from a model's scheduler config."""
     import diffusers

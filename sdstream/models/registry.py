@@ -178,13 +178,21 @@ def family_in(folder: Path):
 
 
 def check_family(req, family) -> None:
-    """What a model family can't do, refused with its name: a scheduler of another kind, a photo as the prompt."""
+    """What a model family can't do, refused with its name: a scheduler of another kind, a photo as the prompt, a
+    negative prompt (and the picture of its half) where guidance is embedded."""
     if req.scheduler != "auto" and req.scheduler not in family.schedulers:
         raise BadInput(f"--scheduler {req.scheduler} does not work with {family.name} models: give one of "
                        f"{', '.join(family.schedulers)} (or auto)")
     if req.prompt_image is not None and not family.image_prompt:
         raise BadInput(f"--prompt-image: a photo as the prompt (CLIP features repeated over the token positions) "
                        f"does not fit {family.name} models, whose conditioning is more than one text encoder's")
+    if not family.negative_prompt:  # no unconditional half to contrast with, or to draw
+        if req.negative_prompt:
+            raise BadInput(f"--negative-prompt: {family.name} models have no negative prompt (their guidance is "
+                           "embedded in the model, not classifier-free); drop it")
+        if req.frame_source == "x0-uncond":
+            raise BadInput(f"--frame-source x0-uncond: {family.name} models have no unconditional half (their "
+                           "guidance is embedded in the model); use x0, x0-cond or latent")
 
 
 def for_family(req, family):

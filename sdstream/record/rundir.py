@@ -496,7 +496,13 @@ class RunFolder(Sink):
 def _safetensors(tensors: dict, meta: dict) -> bytes:
     from safetensors.torch import save
 
-    return save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+    # an unguided step's eps-cond is its eps (one tensor): safetensors refuses shared memory, so copy repeats
+    seen, unique = set(), {}
+    for k, v in tensors.items():
+        v = v.contiguous()
+        unique[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
+    return save(unique, metadata=meta)
 
 
 def frame_size(longer: int | None, width: int, height: int) -> tuple[int, int]:

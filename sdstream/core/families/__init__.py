@@ -23,7 +23,8 @@ class Traits:
     adapter: str
     flow: bool = False  # flow matching (SD3, FLUX): x_next = x + (sigma_next - sigma) v, x0 = x - sigma v
     image_prompt: bool = False  # whether a photo's CLIP features can stand for the prompt (SD 1.x/2.x)
-    size_factor: int = 1  # sizes are multiples of the VAE factor times this (FLUX packs 2x2 latents: 2)
+    negative_prompt: bool = True  # guidance contrasts the prompt with a negative one (FLUX's is embedded: no)
+    size_factor: int = 1  # sizes are multiples of the VAE factor times this (SD3 and FLUX take 2x2 patches: 2)
     default_taesd: str = "madebyollin/taesd"
     steps: int = 20  # what --steps and --guidance are when not given (the family's usual; an alias may differ)
     guidance: float = 7.5
@@ -45,8 +46,10 @@ class Traits:
 
 SD = Traits("SD 1.x/2.x", "sd", "StableDiffusion", image_prompt=True)
 SDXL = Traits("SDXL", "sdxl", "StableDiffusionXL", default_taesd="madebyollin/taesdxl", steps=30, guidance=5.0)
-SD3 = Traits("SD3", "sd3", "StableDiffusion3", flow=True, default_taesd="madebyollin/taesd3", steps=28, guidance=7.0)
-FLUX = Traits("FLUX", "flux", "Flux", flow=True, size_factor=2, default_taesd="madebyollin/taef1", steps=28,
+SD3 = Traits("SD3", "sd3", "StableDiffusion3", flow=True, size_factor=2, default_taesd="madebyollin/taesd3", steps=28,
+             guidance=7.0)
+FLUX = Traits("FLUX", "flux", "Flux", flow=True, negative_prompt=False, size_factor=2,
+              default_taesd="madebyollin/taef1", steps=28,
               guidance=3.5)  # FLUX.1 [dev]'s embedded guidance; [schnell] (alias flux-schnell) takes 4 steps, none
 
 # the pipeline class, as model_index.json names it -> its family
