@@ -271,3 +271,23 @@ def test_words_the_model_does_not_know_are_bad_lines_before_anything_loads(tmp_p
     assert bad.value.errors[0][1].startswith("--prompt: the model 'tiny' does not know 'fox'; it knows only these "
                                              "words: a on background red")
     assert not (tmp_path / "out").exists()
+
+
+def test_seed_triage_stops_every_run_and_a_rerun_keeps_them(cli, tmp_path):
+    """--stop-at-step in a batch: each run stops there with its state (not a failure: exit 0, counted as stopped);
+    the same command again keeps them; `resume` finishes one."""
+    lines = "".join(json.dumps({"seed": s}) + "\n" for s in (1, 2))
+    args = ("batch", "-", *TINY, "-p", "a red circle", "--stop-at-step", "2", "--out", str(tmp_path / "out"), "--json")
+    code, stdout, stderr = cli(*args, stdin=lines)
+    assert code == 0, stderr
+    summary = json.loads((tmp_path / "out" / "batch.json").read_text())
+    assert summary["counts"]["stopped"] == 2 and summary["counts"]["complete"] == 0
+    runs = sorted((tmp_path / "out").glob("0*"))
+    assert [manifest(d)["status"] for d in runs] == ["stopped", "stopped"]
+    code, stdout, stderr = cli(*args, stdin=lines)
+    assert code == 0, stderr
+    rows = json.loads((tmp_path / "out" / "batch.json").read_text())["rows"]
+    assert [(r["status"], bool(r["skipped"])) for r in rows] == [("stopped", True)] * 2
+    code, _, stderr = cli("resume", str(runs[1]), "-q")
+    assert code == 0, stderr
+    assert manifest(runs[1])["status"] == "complete" and (runs[1] / "final.png").is_file()

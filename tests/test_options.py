@@ -91,3 +91,18 @@ def test_an_option_that_needs_another_is_refused_without_it_and_filled_in_with_i
     with_partner = {partner: given, **({"start_step": 1} if partner == "start_image" else {})}
     if name not in ("start_step", "at_step"):  # (which have no default: --start-image, a branch need them)
         assert getattr(GenerationRequest(**with_partner).validated(), name) == opt.default  # the declared default
+
+
+def test_help_names_values_as_people_write_them(cli):
+    """No Python type in any command's help (<bool> on every flag, <list[Path]>): flags show no value, values say
+    TEXT, N, X, PATH or what their declaration calls them."""
+    import re
+
+    from typer.main import get_command
+
+    from sdstream.cli import app
+
+    for name in ["", *get_command(app).commands]:
+        code, out, err = cli(*([name] if name else []), "--help")
+        assert code == 0, err
+        assert "--help" in out and not re.search(r"<(bool|str|int|float|Path|list\[)", out), (name, out)

@@ -177,3 +177,27 @@ def test_branch_refuses_what_a_branch_cannot_change(cli, tmp_path):
     code, _, stderr = cli("branch", str(tmp_path / "parent"), "--at-step", "99", "-o", str(tmp_path / "b"))
     assert code == 2 and "--at-step 99 is not allowed: give a step of the parent's run, from 1 to 6" in stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_branch_says_when_it_replays_the_steps_before_k(cli, tmp_path):
+    sdstream.run(GenerationRequest(**BASE), tmp_path / "plain")
+    sdstream.run(GenerationRequest(**BASE, save_state=True), tmp_path / "kept")
+    code, _, stderr = cli("branch", str(tmp_path / "plain"), "--at-step", "4", "-p", "a green circle", "-o",
+                          str(tmp_path / "a"))
+    assert code == 0, stderr
+    assert "kept no state after step 3 (--save-state): replaying steps 1-3 exactly first" in stderr
+    code, _, stderr = cli("branch", str(tmp_path / "kept"), "--at-step", "4", "-p", "a green circle", "-o",
+                          str(tmp_path / "b"))
+    assert code == 0 and "replaying" not in stderr, stderr
+
+
+def test_a_large_save_tensors_is_told_before_it_fills_the_disk(cli, tmp_path, monkeypatch):
+    from sdstream.record import rundir
+
+    # tiny at 16x16: 4x8x8 latents, 512 bytes in fp16, x 6 steps: 3 KB for latents alone, 15 KB for all five
+    monkeypatch.setattr(rundir, "TENSOR_NOTICE_BYTES", 5000)
+    args = ("generate", "-m", "tiny", "-p", PROMPT, "--steps", "6", "--width", "16", "--height", "16")
+    code, _, stderr = cli(*args, "--save-tensors", "all", "-o", str(tmp_path / "a"))
+    assert code == 0 and "--save-tensors will write about 0 MB into" in stderr, stderr
+    code, _, stderr = cli(*args, "--save-tensors", "latents", "-o", str(tmp_path / "b"))
+    assert code == 0 and "--save-tensors will write" not in stderr, stderr

@@ -126,12 +126,12 @@ def _inputs(req: GenerationRequest, cache: dict) -> Inputs:
 
 
 def _resume(run: BatchRun) -> None:
-    """Skip a line whose folder holds a complete run of the same request; note what differs when it doesn't."""
+    """Skip a line whose folder holds a finished run of the same request; note what differs when it doesn't."""
     try:
         kept = open_run(run.run_dir)
     except BadInput:
         return
-    if kept.status != "complete":
+    if kept.status not in ("complete", "stopped"):  # stopped: at the --stop-at-step it asked for (compared below)
         return
     now, before = run.request.to_dict(), kept.manifest.get("request") or {}
     ignore = {"device"} | (set() if run.seeded else {"seed"})  # a random seed differs every time by design

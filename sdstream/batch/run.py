@@ -21,6 +21,8 @@ from .distribute import distributed, distributed_state, from_main, process_devic
 from .plan import BatchRun, plan
 
 SUMMARY = "batch.json"
+STATUSES = ("complete", "stopped", "failed", "interrupted", "pending")  # of a line's run
+FINISHED = ("complete", "stopped")  # what the line asked for was done (--stop-at-step: stopped there, state kept)
 
 
 @dataclass
@@ -33,7 +35,7 @@ class BatchResult:
     @property
     def counts(self) -> dict:
         counts = {"runs": len(self.rows)}
-        for status in ("complete", "failed", "interrupted", "pending"):
+        for status in STATUSES:
             counts[status] = sum(r["status"] == status for r in self.rows)
         counts["skipped"] = sum(bool(r["skipped"]) for r in self.rows)
         return counts
@@ -42,7 +44,7 @@ class BatchResult:
     def exit_code(self) -> int:
         if self.interrupted:
             return 130
-        return 0 if all(r["status"] == "complete" for r in self.rows) else 1
+        return 0 if all(r["status"] in FINISHED for r in self.rows) else 1
 
 
 def run_batch(

@@ -294,7 +294,9 @@ def _print_summary(result) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    colour = {"complete": "green", "failed": "red", "interrupted": "yellow", "pending": "dim"}
+    from ..batch.run import STATUSES
+
+    colour = {"complete": "green", "stopped": "cyan", "failed": "red", "interrupted": "yellow", "pending": "dim"}
     cells = [
         (
             str(row["line"]),
@@ -321,6 +323,6 @@ def _print_summary(result) -> None:
         if row["error"]:
             stderr.print(f"line {row['line']}: {row['error']}", soft_wrap=True, markup=False, style="red")
     counts = result.counts
-    done = ", ".join(f"{counts[k]} {k}" for k in ("complete", "failed", "interrupted", "pending") if counts[k])
+    done = ", ".join(f"{counts[k]} {k}" for k in STATUSES if counts[k])
     kept = f" ({counts['skipped']} kept from before)" if counts["skipped"] else ""
     stderr.print(f"{done}{kept} · {result.out / 'batch.json'}", markup=False)

@@ -160,7 +160,13 @@ class Progress(Sink):
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[note]}"), TimeRemainingColumn(), console=stderr,
                                  transient=True)
-        self.task = None
+        self.task, self.info, self.told = None, None, 0
+
+    def notices(self) -> None:
+        """Print what the run noted since last time (above the bar)."""
+        for notice in self.info.notices[self.told:]:
+            self.progress.console.print(notice, markup=False, soft_wrap=True, style="yellow")
+        self.told = len(self.info.notices)
 
     def load(self, model) -> None:
         self.progress.start()
@@ -172,6 +178,8 @@ class Progress(Sink):
         steps = info.total_steps - info.first_step + 1
         self.progress.reset(self.task, total=steps, description=f"{self.prefix}{label} · seed {info.request.seed}",
                             note="")
+        self.info = info
+        self.notices()
 
     def step(self, step) -> None:
         self.progress.advance(self.task)
@@ -180,6 +188,8 @@ class Progress(Sink):
         if step.event.injected:
             note = f"noise injected at {step.event.step} · {note}"
         self.progress.update(self.task, note=note)
+        if len(self.info.notices) > self.told:
+            self.notices()
 
     def finish(self, info, outcome) -> None:
         if self.task is None:  # the run ended before it began loading: nothing was shown

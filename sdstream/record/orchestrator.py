@@ -172,6 +172,9 @@ def _info(req, source: ModelSource, ready: Prepared, load_seconds: float, contin
     info = RunInfo(req, source, ready.device, dtype_name(family_of(ready.pipe).dtype), ready.width, ready.height,
                    first, req.total_steps, ready.preview, continuation=continuation)
     info.timings["load"] = round(load_seconds, 4)
+    if continuation and continuation.state is None and first > continuation.parent.first_step:
+        info.notices.append(f"{continuation.parent_dir} kept no state after step {first - 1} (--save-state): "
+                            f"replaying steps {continuation.parent.first_step}-{first - 1} exactly first")
     return info
 
 

@@ -35,7 +35,7 @@ class RunInfo:
     run_dir: Path | None = None  # set by the run folder's sink, when there is one
     continuation: object | None = None  # record.continuation.Continuation, for a branch or a resumed run
     measures: dict | None = None  # per step (record.sinks.Measures), once the steps are done
-    notices: list = field(default_factory=list)  # what a person should know (how much --save-tensors will write)
+    notices: list = field(default_factory=list)  # what a person should know (a replay, the size of --save-tensors)
 
     def to_dict(self) -> dict:
         return {"event": "start", "run_dir": str(self.run_dir) if self.run_dir else None, "seed": self.request.seed,
