@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, run once on a lent GPU machine from the repo root (results under $OUT):
-# the CUDA path on tiny (fp16/bf16, every preview, frames written, no NaN) and the benchmark at SD 1.5 size.
+# the CUDA path on tiny (fp16/bf16, every preview, frames written, no NaN), the benchmark at SD 1.5 size with a
+# profile, and the SDXL row: about 8 minutes on an H100 (BUDGET seconds in all, BENCH_SECONDS of them for SD 1.5).
 # Needs diffusers (and importlib_metadata) as wheels in .whl/ where the machine lacks them.
 set -u
 OUT=${OUT:-/tmp/gpu-check}; mkdir -p "$OUT"
@@ -47,4 +48,17 @@ a, b = (np.asarray(Image.open(f'/tmp/runpndm{c}/final.png'), dtype=float) for c 
 d = np.abs(a - b).mean(); print('OK  ' if d < 2 else 'FAIL', 'compiled vs eager final.png mean abs diff', round(d, 3))" | tee -a "$OUT/cuda_path.txt"
 python3 -m sdstream diagnostics --check --json > "$OUT/diagnostics.json" || echo "FAIL diagnostics --check"
 echo "tiny checks done at $SECONDS s"
-timeout "${BENCH_SECONDS:-330}" python3 benchmarks/bench.py --full-size --repeats "${REPEATS:-3}" --compile 2>&1 | grep -v '^\[transformers\]' | tee "$OUT/bench.txt"
+# The benchmark at SD 1.5 size, every variant, and a profile of 3 steps of diffusers and of sdstream (bench.txt,
+# profile.txt and two chrome traces); then the SDXL row (sdxl.txt) in what is left of BUDGET seconds. Each prints
+# its table after every round, so a timeout still leaves numbers. 8 files in $OUT, the most that come back.
+quiet() { grep -v -e '^\[transformers\]' -e 'Writing model shards' -e 'SyncActivityProfilerHandler'; }
+timeout "${BENCH_SECONDS:-270}" python3 benchmarks/bench.py --full-size --repeats "${REPEATS:-3}" --compile \
+  --trajectory --taesd-random --profile "$OUT/profile.txt" 2>&1 | quiet | tee "$OUT/bench.txt"
+echo "SD 1.5 benchmark done at $SECONDS s"
+left=$(( ${BUDGET:-470} - SECONDS ))
+if [ "$left" -ge 60 ]; then
+  timeout "$left" python3 benchmarks/bench.py --sdxl --repeats "${SDXL_REPEATS:-2}" 2>&1 | quiet | tee "$OUT/sdxl.txt"
+else
+  echo "SKIP SDXL: $left s left of the ${BUDGET:-470} s budget" | tee "$OUT/sdxl.txt"
+fi
+echo "all done at $SECONDS s"
