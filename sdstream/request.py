@@ -4,7 +4,8 @@ validated() makes the checks that need neither files nor a model: types, ranges,
 apply only with another, and the step arithmetic (img2img, --start-step, injection steps), which needs
 only the scheduler's name. Pictures are decoded and checked by inputs.load_inputs, the model's
 vocabulary and whereabouts by models.check_available: all of it before torch is imported. The checks
-that need the loaded model (size vs the VAE factor, the CLIP's width) come last (core.loop.check_against_model).
+that need the loaded model (size vs the VAE factor, the CLIP's width) come last
+(record.orchestrator.check_against_model).
 """
 
 from __future__ import annotations

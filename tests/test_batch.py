@@ -126,7 +126,8 @@ def test_keep_going_runs_the_valid_lines_from_stdin(cli, tmp_path):
     assert runs[7]["status"] == "failed" and "--inject-at-step 9" in runs[7]["error"] and runs[7]["run_dir"] is None
     assert sorted(p.name for p in out.iterdir()) == ["0001-a-red-circle", "0006-a-blue-square-on-black", "batch.json"]
     summary = json.loads((out / "batch.json").read_text())
-    assert summary["counts"] == {"runs": 6, "complete": 2, "failed": 4, "interrupted": 0, "pending": 0, "skipped": 0}
+    assert summary["counts"] == {"runs": 6, "complete": 2, "stopped": 0, "failed": 4, "interrupted": 0, "pending": 0,
+                                 "skipped": 0}
     assert [r["line"] for r in summary["rows"]] == [1, 3, 4, 5, 6, 7]
     assert "line 3" in stderr and "0006-a-blue-square-on-black" in stderr  # the summary table
 

@@ -57,7 +57,8 @@ def test_six_lines_on_two_workers_each_run_once_and_complete(cli, cluster, sweep
     assert sorted(e["line"] for e in runs) == [1, 2, 3, 4, 5, 6]  # each line once
     assert events[-1]["event"] == "summary" and events[-1]["complete"] == 6 and events[-1]["exit_code"] == 0
     summary = json.loads((sweep / "out" / "batch.json").read_text())
-    assert summary["counts"] == {"runs": 6, "complete": 6, "failed": 0, "interrupted": 0, "pending": 0, "skipped": 0}
+    assert summary["counts"] == {"runs": 6, "complete": 6, "stopped": 0, "failed": 0, "interrupted": 0, "pending": 0,
+                                 "skipped": 0}
     assert [(r["line"], r["status"], r["attempts"], r["lost_attempts"]) for r in summary["rows"]] == [
         (n, "complete", 1, []) for n in range(1, 7)]
     workers = summary["ray"]["workers"]

@@ -210,12 +210,12 @@ print(json.dumps({"results": out, "torch": "torch" in sys.modules}))
 
 def test_library_import_does_not_import_torch():
     code = "import sys, sdstream; sdstream.GenerationRequest; assert 'torch' not in sys.modules, 'torch imported'"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
 def test_help_does_not_import_torch_or_diffusers():
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "sdstream", "generate", "--help"],
-                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "100"})
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "100"}, timeout=60)
     assert proc.returncode == 0 and "--inject-at-step" in proc.stdout
     heavy = [line for line in proc.stderr.splitlines() if line.rstrip().endswith((" torch", " diffusers"))]
     assert heavy == []
