@@ -219,3 +219,17 @@ def test_help_does_not_import_torch_or_diffusers():
     assert proc.returncode == 0 and "--inject-at-step" in proc.stdout
     heavy = [line for line in proc.stderr.splitlines() if line.rstrip().endswith((" torch", " diffusers"))]
     assert heavy == []
+
+
+@pytest.mark.parametrize("args", [["-m", "sd15"], ["-m", "tiny", "--preview", "taesd"]])
+def test_what_is_not_on_disk_with_no_hub_to_ask_fails_at_once(args, tmp_path):
+    """Online but with no network (here: a Hub endpoint that refuses), one line at once, not half a minute of
+    huggingface_hub's retries; nothing written."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | {
+        "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}  # port 9 (discard): nobody listens
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "sdstream", "generate", *args, "-p", "a red circle", "-o",
+                           str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 1 and time.monotonic() - started < 10, proc.stderr
+    assert "is not on disk and 127.0.0.1 cannot be reached" in proc.stderr and "Retrying" not in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BadInput
+from ..errors import BadInput, SdstreamError
 from .notes import check_vocabulary, model_notes
 
 DEFAULT_MODEL = "compressibility"  # as the original service
@@ -134,6 +134,33 @@ def offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def hub_unreachable() -> str | None:
+    """Why the Hub can't be reached from here (no name, no route, no answer in 3 s), or None when it answers or a
+    proxy is set (which a direct probe can't speak for). Asked only for what is not on disk: without a network,
+    huggingface_hub retries each request five times, half a minute, before the same failure."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=3).close()
+    except OSError as e:
+        return f"{url.hostname} cannot be reached ({e.strerror or e})"
+    return None
+
+
+def _not_on_disk(what: str, hint: str) -> None:
+    """Refuse WHAT, which is not on disk, when the Hub may not or cannot be asked for it; else return."""
+    if offline():
+        raise BadInput(f"{what} is not on disk and HF_HUB_OFFLINE is set: {hint}")
+    if why := hub_unreachable():
+        raise SdstreamError(f"{what} is not on disk and {why}", hint=hint)
+
+
 def label(source: ModelSource) -> str:
     """How messages name a model: what the user typed, and where that leads if it says more."""
     return f"model {source.name!r}" + (f" ({source.location})" if source.location != source.name else "")
@@ -145,17 +172,16 @@ def check_available(req) -> ModelSource:
     declares its vocabulary. BadInput otherwise. Reads nothing but small JSON files."""
     source = resolve(req.model)
     folder = hub_snapshot(source.location) if source.kind == "hub" else local_folder(source)
-    if folder is None and offline():
-        raise BadInput(f"{label(source)} is not on disk and HF_HUB_OFFLINE is set: use --model tiny, a local "
-                       "folder, or download it once with network access")
+    if folder is None:
+        _not_on_disk(label(source), "use --model tiny, a local folder, or download it once with network access")
     family = family_in(folder) if folder is not None and (folder / "model_index.json").is_file() else None
     if family is not None:
         check_family(req, family)
     if req.preview == "taesd":
         taesd = req.taesd or (family.default_taesd if family else DEFAULT_TAESD)
-        if not Path(taesd).expanduser().is_dir() and offline() and hub_file(taesd, "config.json") is None:
-            raise BadInput(f"--taesd {taesd!r} is not on disk and HF_HUB_OFFLINE is set: pass a local folder, "
-                           "download it once with network access, or use --preview approx or vae")
+        if not Path(taesd).expanduser().is_dir() and hub_file(taesd, "config.json") is None:
+            _not_on_disk(f"--taesd {taesd!r}", "pass a local folder, download it once with network access, or use "
+                         "--preview approx or vae")
     if folder is not None:
         check_vocabulary(req, model_notes(folder).get("vocabulary"))
         factor = vae_factor(folder)
