@@ -292,3 +292,9 @@ def test_seed_triage_stops_every_run_and_a_rerun_keeps_them(cli, tmp_path):
     code, _, stderr = cli("resume", str(runs[1]), "-q")
     assert code == 0, stderr
     assert manifest(runs[1])["status"] == "complete" and (runs[1] / "final.png").is_file()
+
+
+def test_an_empty_batch_file_is_bad_input(cli, tmp_path):
+    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
+    code, _, stderr = cli("batch", str(tmp_path / "empty.txt"), *TINY, "--out", str(tmp_path / "out"))
+    assert code == 2 and "holds no runs" in stderr and not (tmp_path / "out").exists(), stderr

@@ -233,3 +233,11 @@ def test_what_is_not_on_disk_with_no_hub_to_ask_fails_at_once(args, tmp_path):
     assert proc.returncode == 1 and time.monotonic() - started < 10, proc.stderr
     assert "is not on disk and 127.0.0.1 cannot be reached" in proc.stderr and "Retrying" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_preview_none_writes_no_frames_folder(cli, tmp_path):
+    code, _, stderr = cli("generate", "-m", "tiny", "-p", "a red circle", "--steps", "2", "--width", "16", "--height",
+                          "16", "--preview", "none", "-o", str(tmp_path / "run"))
+    assert code == 0, stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["final.png", "run.json"]
+    assert "frames/" not in stderr

@@ -12,7 +12,7 @@ import sdstream
 from sdstream import GenerationRequest
 from sdstream.views import animate, compare, draw, sheet
 
-from conftest import error_line
+from conftest import ROOT, error_line
 
 STEPS = 8
 
@@ -133,3 +133,15 @@ def test_sparkline_and_spacing():
     assert len(draw.sparkline(list(range(1000)), width=40)) == 40
     assert draw.evenly_spaced(list(range(20)), 4) == [0, 6, 13, 19]
     assert draw.every_nth(list(range(8)), 3) == [0, 3, 6, 7]
+
+
+def test_show_names_the_photo_used_as_the_prompt_and_its_weight(cli, tmp_path):
+    import sdstream
+    from sdstream import GenerationRequest
+
+    photo = ROOT / "examples" / "photo.png"
+    sdstream.run(GenerationRequest(model="tiny", prompt="a red circle", prompt_image=str(photo), image_weight=0.4,
+                                   steps=2, width=16, height=16, seed=1), tmp_path / "run")
+    code, stdout, stderr = cli("show", str(tmp_path / "run"))
+    assert code == 0, stderr
+    assert "photo.png" in stdout and "0.4" in stdout, stdout

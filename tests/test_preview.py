@@ -126,3 +126,24 @@ def test_approx_frames_are_written_at_the_images_size_or_frame_size(tmp_path):
                                    height=16), tmp_path / "b")
     assert {Image.open(p).size for p in (tmp_path / "a" / "frames").iterdir()} == {(32, 32)}  # not 16x16 stamps
     assert {Image.open(p).size for p in (tmp_path / "b" / "frames").iterdir()} == {(80, 40)}  # the image's aspect
+
+
+def test_frame_sources_of_the_two_halves_of_guidance(tmp_path):
+    """x0-cond and x0-uncond picture what the prompt alone and the negative prompt alone predict: three different
+    pictures of one trajectory (the same final image); unguided, x0-cond is x0 and x0-uncond is refused."""
+    def frames(source, guidance=5.0):
+        out = tmp_path / f"{source}-{guidance}"
+        sdstream.run(GenerationRequest(model="tiny", prompt="a red circle on a blue background", seed=4, steps=4,
+                                       guidance=guidance, width=16, height=16, preview="vae", frame_source=source),
+                     out)
+        steps = [np.asarray(Image.open(out / "frames" / f"step-{k:04d}.png"), dtype=np.int16) for k in (1, 2)]
+        return steps, np.asarray(Image.open(out / "final.png"), dtype=np.int16)
+
+    (x0, final), (cond, final_cond), (uncond, final_uncond) = (frames(s) for s in ("x0", "x0-cond", "x0-uncond"))
+    assert np.array_equal(final, final_cond) and np.array_equal(final, final_uncond)
+    for a, b in ((x0, cond), (x0, uncond), (cond, uncond)):
+        assert np.abs(a[0] - b[0]).mean() > 1
+    (x0, _), (cond, _) = frames("x0", 1.0), frames("x0-cond", 1.0)
+    assert all(np.array_equal(a, b) for a, b in zip(x0, cond))
+    with pytest.raises(sdstream.BadInput, match="x0-uncond"):
+        frames("x0-uncond", 1.0)
