@@ -323,6 +323,23 @@ def test_the_run_folder_lists_maps_and_heat_maps_and_the_sheet_lays_them_out(tin
     assert {p.name for p in (out / "attention").iterdir() if p.is_dir()} == {"circle", "a-2"}
 
 
+def test_compare_lays_two_runs_maps_of_a_word_side_by_side(tmp_path, cli):
+    for name, prompt in (("red", "a red circle on a blue background"), ("green", "a green circle on a blue "
+                                                                                  "background")):
+        sdstream.run(GenerationRequest(**{**BASE, "prompt": prompt}, attention=True, attention_words="circle"),
+                     tmp_path / name)
+    code, stdout, stderr = cli("compare", str(tmp_path / "red"), str(tmp_path / "green"), "--attention", "circle",
+                               "--out", str(tmp_path / "cmp"), "--json")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["attention"] == "circle" and [r["steps"] for r in result["steps"]] == [[1, 1], [2, 2], [3, 3],
+                                                                                          [4, 4]]
+    assert result["differs"] == ["--prompt"] and result["mean_mad"][0] > 0
+    code, _, stderr = cli("compare", str(tmp_path / "red"), str(tmp_path / "green"), "--attention", "blue",
+                          "--out", str(tmp_path / "cmp2"))
+    assert code == 2 and "has heat maps of circle" in stderr
+
+
 def test_a_stopped_and_resumed_run_keeps_its_maps_listed(tmp_path, cli):
     out = tmp_path / "run"
     sdstream.run(GenerationRequest(**BASE, attention=True, attention_words="circle", stop_at_step=2), out)

@@ -137,6 +137,9 @@ def compare(
     columns: Annotated[int, typer.Option(help="Steps side by side on the comparison sheet.")] = 1,
     loop: Annotated[bool, typer.Option("--loop/--no-loop", help="Loop the animation forever, or play once.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Write into a non-empty --out folder.")] = False,
+    attention: Annotated[str | None, typer.Option(
+        "--attention", metavar="WORD", help="Compare the heat maps of WORD (runs made with --attention) instead of "
+        "the frames.")] = None,
     json: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -146,7 +149,7 @@ def compare(
 
     with handle_errors(debug):
         result = make_compare(run_dirs, out, align=align, fmt=format, fps=fps, size=size, count=count,
-                              columns=columns, loop=loop, overwrite=overwrite)
+                              columns=columns, loop=loop, overwrite=overwrite, attention=attention)
     if json:
         print_json(result)
     letters = result["letters"]

@@ -95,6 +95,7 @@ def make_compare(
     loop: bool = True,
     hold: float = HOLD_SECONDS,
     overwrite: bool = False,
+    attention: str | None = None,
 ) -> dict:
     """Compare two or more runs step by step into OUT_DIR; returns what compare.json holds.
 
@@ -108,6 +109,8 @@ def make_compare(
     run's step, one panel per compared run) and compare.json. Difference = mean over channels of |A - B| in
     levels of 0..255; its mean over pixels is 'mad'. Heat maps share one scale, shown in a colour bar: bright =
     the largest difference anywhere in the comparison. Frames that show an injection carry a 'noise' badge.
+
+    ATTENTION (a word of runs made with --attention) compares that word's heat maps instead of the frames.
     """
     import numpy as np
 
@@ -120,7 +123,11 @@ def make_compare(
     dirs = find_runs(run_dirs)
     if len(dirs) < 2:
         raise BadInput("compare needs two or more run folders")
-    runs = [read_run(d) for d in dirs]
+    runs = [read_run(d, need_frames=attention is None) for d in dirs]
+    if attention is not None:
+        from .sheet import attention_frames
+
+        runs = [attention_frames(r, attention)[0] for r in runs]
     rows = align_runs(runs, align)
     out = Path(out_dir) if out_dir is not None else default_compare_dir()
 
@@ -181,6 +188,8 @@ def make_compare(
 
     anim_path, sheet_path, json_path = out / f"compare.{fmt}", out / "sheet.png", out / "compare.json"
     title_text = " · ".join(f"{n} = {r.name}" for n, r in zip(letters, runs))  # wraps between runs
+    if attention is not None:
+        title_text = f"attention to {attention!r} · {title_text}"
     frame_w = strips[0].width + 2 * GAP
     legend = colour_bar(frame_w, diff_max, font_px(cell_w))
     title = text_block(title_text, frame_w, px=px)
@@ -202,6 +211,7 @@ def make_compare(
         "labels": labels,
         "differs": ["--" + n.replace("_", "-") for n in differs],
         "align": align or "step",
+        "attention": attention,
         "files": {
             "animation": str(anim_path),
             "sheet": str(sheet_path),
