@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -196,6 +197,34 @@ def test_9_ctrl_c_at_any_moment_exits_130_without_a_traceback(after):
     assert code == 130 and "Traceback" not in stderr and "Error" not in stderr, stderr
 
 
+@pytest.mark.parametrize("then", ["once more at once", "every 1 ms until it exits"])
+def test_9_a_second_ctrl_c_mid_run_changes_nothing(tmp_path, then):
+    """Ctrl-C twice (the second while the first unwinds, writes run.json, runs atexit or shuts Python down): one
+    "Interrupted.", exit 130, run.json interrupted, no traceback and no "Exception ignored"."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "sdstream", "generate", "-m", "tiny", "--steps", "300", "--json",
+                             "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        while (line := read_line(proc.stdout)) and json.loads(line).get("step") != 3:
+            pass
+        assert line, proc.communicate(timeout=60)[1].decode()
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 60
+        while then.startswith("every") and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)  # (every 10 ms misses the few ms of cleaning up, where a second one did harm)
+            proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    stderr = stderr.decode()
+    assert proc.returncode == 130 and stderr.strip() == "Interrupted.", stderr
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "interrupted" and len(manifest["frames"]) >= 3
+
+
 def test_9_an_interrupt_a_library_swallowed_is_not_lost(tiny, tmp_path, monkeypatch):
     from sdstream import interrupts
 
@@ -228,6 +257,22 @@ def test_13_a_port_in_use_is_found_before_preloading(cli):
         started = time.perf_counter()
         code, _, stderr = cli("serve", "--port", str(port), "--preload", "tiny")
     assert code == 2 and f"--port {port}" in stderr and "in use" in stderr and time.perf_counter() - started < 3
+
+
+def test_13_ctrl_c_while_the_server_preloads_is_a_plain_interrupt():
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sdstream", "serve", "--port", str(port), "--preload", "tiny"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert "Loading tiny" in read_line(proc.stderr)  # printed before torch, diffusers and the weights load
+    time.sleep(0.2)  # (not while rich still holds that line: a Ctrl-C there makes it print the line twice)
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    stderr = rest.decode()
+    assert proc.returncode == 130 and stderr.strip() == "Interrupted.", stderr  # not the CLI's "frames ... kept"
 
 
 def test_11_a_client_that_leaves_frees_its_place_in_the_line():
@@ -314,6 +359,15 @@ def test_17_a_reader_that_leaves_does_not_fail_the_run(tmp_path):
                           shell=True, capture_output=True, text=True, timeout=120)
     assert json.loads(proc.stdout)["event"] == "load" and "Error" not in proc.stderr, proc.stderr
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
+
+
+def test_17_a_closed_stdout_does_not_fail_the_run(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(f"{shlex.quote(sys.executable)} -m sdstream generate -m tiny --steps 3 --json "
+                          f"-o {shlex.quote(str(out))} >&-", shell=True, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "complete" and len(manifest["frames"]) == 3 and (out / "final.png").is_file()
 
 
 def test_17_out_of_cpu_memory_is_one_line_with_the_knobs():

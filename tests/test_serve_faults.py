@@ -3,6 +3,8 @@ hint, injected at the same seam (the UNet call) on the app in this process."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
 import pytest
@@ -15,6 +17,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from sdstream.serve.app import create_app  # noqa: E402
+from sdstream.serve.schema import Limits  # noqa: E402
 
 REQUEST = {"prompt": "a red circle", "model": "tiny", "steps": 4, "seed": 1}
 
@@ -79,3 +82,38 @@ def test_head_and_limits_are_answered(client):
     assert r.status_code == 422 and f"limit of {limits['max_pixels']} pixels" in r.json()["detail"]
     r = client.post("/generate", json={**REQUEST, "prompt": "a " * limits["max_prompt"]})
     assert r.status_code == 422 and "prompt is" in r.json()["detail"] and "--" not in r.json()["detail"]
+
+
+def png_b64() -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_steps_times_pixels_is_bounded(client, tiny):
+    """max_work: a size within max_pixels with more steps than the bound allows is refused from the body, before
+    it waits in line; at the model's own size it is found once the model says its size; the steps counted are
+    those that run (from --start-step on)."""
+    limits = client.get("/").json()["limits"]
+    side = int(limits["max_pixels"] ** 0.5)  # 1024 x 1024: exactly max_pixels
+    steps = limits["max_work"] // (side * side) + 1
+    r = client.post("/generate", json={**REQUEST, "steps": steps, "width": side, "height": side})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == (f"steps x width x height ({steps} x {side}x{side}) is over this server's limit "
+                                  f"of {limits['max_work']}")
+    with TestClient(create_app(device="cpu", limits=Limits(max_work=3 * 32 * 32)), base_url="http://localhost") as c:
+        assert c.get("/").json()["limits"]["max_work"] == 3 * 32 * 32
+        r = c.post("/generate", json={**REQUEST, "steps": 4})  # tiny's own 32 x 32
+        assert r.status_code == 422 and "(4 x 32x32) is over this server's limit of 3072" in r.json()["detail"]
+        status, events = stream(c, {**REQUEST, "steps": 4, "start_step": 2, "start_image": png_b64()})  # 3 steps run
+        assert status == 200 and events[-2]["done"] is True, events[-2:]
+        assert c.get("/health").json()["queue"]["invalid"] == 1
+
+
+def test_the_default_upload_limit_is_20_mb(client):
+    limit = client.get("/").json()["limits"]["max_body_bytes"]
+    assert limit == 20 * 1024 * 1024
+    r = client.post("/generate", content=b"{" + b" " * limit + b"}", headers={"Content-Type": "application/json"})
+    assert r.status_code == 413

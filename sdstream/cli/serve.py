@@ -42,6 +42,10 @@ def serve(
         int, typer.Option(min=1, help="Most steps x width x height a request may ask for.")
     ] = 50 * 1024 * 1024,
     max_prompt: Annotated[int, typer.Option(min=1, help="Most characters in a prompt.")] = 1000,
+    max_upload_mb: Annotated[
+        int, typer.Option(min=1, help="Most megabytes in one request body, base64 pictures included; "
+                                        "a bigger one gets 413.")
+    ] = 20,
     save: Annotated[
         str | None, typer.Option("--save", metavar="DIR", help="Also write each run into a run folder under DIR.")
     ] = None,
@@ -82,7 +86,8 @@ def serve(
             stderr.print(f"Loading {', '.join(models)} …")
             load_models(list(models), device)
         bound = f"[{host}]" if ":" in host else host
-        limits = Limits(max_pixels=max_pixels, max_work=max_work, max_prompt=max_prompt)
+        limits = Limits(max_pixels=max_pixels, max_work=max_work, max_prompt=max_prompt,
+                        max_body_bytes=max_upload_mb * 1024 * 1024)
         app = create_app(device=device, max_queue=max_queue, allowed_hosts=(bound, *(allow_host or ())),
                          models=models, any_model=any_model, limits=limits, save=Path(save) if save else None)
     shown = "localhost" if host in ("127.0.0.1", "::1") else bound

@@ -153,6 +153,7 @@ def create_app(
                                  "model}` per step, then `data: {..., done: true, image, png, seed, width, height, "
                                  "seconds}`, then `data: [DONE]`. A failure mid-run is `data: {error}` before [DONE].",
                   "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            413: {"description": "The body is over the server's upload limit (GET / `limits.max_body_bytes`)"},
             422: {"description": "A bad value: `{detail: one-line message}`"},
             500: {"description": "The run could not start (e.g. the model is not on disk): `{detail, hint}`"},
             503: {"description": "The waiting line is full; retry later"},

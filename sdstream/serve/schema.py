@@ -31,7 +31,7 @@ class Limits:
     max_pixels: int = 1024 * 1024  # width x height of a run
     max_work: int = 50 * 1024 * 1024  # steps x width x height
     max_prompt: int = 1000  # characters of a prompt or negative prompt
-    max_body_bytes: int = 20 * 1024 * 1024  # a JSON body, base64 pictures included
+    max_body_bytes: int = 20 * 1024 * 1024  # a JSON body, base64 pictures included (serve --max-upload-mb)
     max_image_pixels: int = 4096 * 4096  # per uploaded picture, enforced by Pillow while decoding
 
     def check_run(self, steps: int, width: int, height: int) -> None:
