@@ -11,29 +11,13 @@ tokenizer whose pieces are the words below.
 
 from __future__ import annotations
 
-import importlib.util
 import string
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["a", "red", "circle", "on", "blue", "background", "green", "square", "painting"]
+from dummy_sdxl import WORDS
+from dummy_sdxl import tokenizer as clip_tokenizer  # the same toy CLIP tokenizer (tools/bpe.py over WORDS)
+
 LATENT_CHANNELS, T5_WIDTH, CLIP_WIDTH = 16, 64, 32
-
-
-def _bpe():
-    spec = importlib.util.spec_from_file_location("sdstream_tools_bpe", ROOT / "tools" / "bpe.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def clip_tokenizer(pad: str = "<|endoftext|>"):
-    from transformers import CLIPTokenizer
-
-    vocab, merges = _bpe().tokenizer_files(WORDS)
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad, model_max_length=77)
 
 
 def t5_tokenizer():
