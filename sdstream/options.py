@@ -19,6 +19,9 @@ from .errors import BadInput
 # text, int, float, flag (on/off), steps (step numbers: 5,8), picture (a file), choice (one of choices()),
 # names (several of choices(): latents,x0), pairs (K:TEXT, repeated: a step and a text)
 KINDS = ("text", "int", "float", "flag", "steps", "picture", "choice", "names", "pairs")
+# the longest text any option takes: the text encoders read a few hundred tokens, paths end at 4096 bytes, and a
+# 10 MB prompt would only fill run.json and the PNG's parameters (the server's own limit, --max-prompt, is lower)
+MAX_TEXT = 10_000
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ class Option:
         if kind in ("text", "picture", "choice"):
             if not isinstance(value, str):
                 raise BadInput(f"{self.flag} {value!r} is not allowed: give text")
+            if len(value) > MAX_TEXT:
+                raise BadInput(f"{self.flag} is {len(value):,} characters long: at most {MAX_TEXT:,}")
             if kind == "choice":
                 return self._choice(value)
             if self.default is None and not value.strip():  # --model '', --init-image '': never "the default"

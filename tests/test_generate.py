@@ -147,6 +147,7 @@ BAD = [
     (["--model", ""], "--model '' is empty"),
     (["--model", "compressibility"], "is not on disk and HF_HUB_OFFLINE is set"),
     (["-p", "a fox"], "does not know 'fox'"),
+    (["-p", "a red circle " * 1000], "--prompt is 13,000 characters long: at most 10,000"),
     (["--device", "gpu"], "--device 'gpu'"),
     (["--device", "cuda"], "no CUDA GPU"),
     (["--dtype", "fp8"], "--dtype 'fp8'"),
@@ -168,7 +169,7 @@ def _fill(args, tmp_path):
     return args if "--out" in args else [*args, "--out", str(tmp_path / "run")]
 
 
-@pytest.mark.parametrize("args,expected", BAD, ids=[" ".join(a) for a, _ in BAD])
+@pytest.mark.parametrize("args,expected", BAD, ids=[" ".join(a)[:60] for a, _ in BAD])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(cli, tmp_path, monkeypatch, args, expected):
     monkeypatch.chdir(tmp_path)
     code, stdout, stderr = cli("generate", "-m", "tiny", *_fill(args, tmp_path))
