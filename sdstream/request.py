@@ -130,11 +130,10 @@ class GenerationRequest:
                                       needs="save_tensors", metavar="T", served=False)
     attention: bool = option(
         False, "Record every step's cross-attention per word of the prompt (the conditional half, averaged over "
-        "heads and layers) into attention/: a map per step, and heat maps over the frames.", TRAJECTORY,
-        served=False)
+        "heads and layers) into attention/: a map per step, and heat maps over the frames.", TRAJECTORY)
     attention_words: str | None = option(
         None, "The words --attention draws heat maps of, e.g. circle,red.", TRAJECTORY, metavar="LIST",
-        needs="attention", served=False, shown_default="every word that is not a stop word")
+        needs="attention", shown_default="every word that is not a stop word")
     save_state: bool = option(False, "Keep what it takes to continue from every step (the latents at the run's dtype, "
                               "the scheduler's history, the random stream): branch and resume then start at once.",
                               TRAJECTORY, served=False)

@@ -170,12 +170,56 @@ def test_stream_four_steps(server):
         # needs the model
         ({"steps": 4, "noise_mask_type": "circle", "inject_at_step": 9}, "inject_at_step 9 is outside"),
         ({"width": 33}, "width 33 is not a multiple of 2"),
+        ({"attention_words": "circle"}, "attention_words applies only with attention"),
+        ({"prompt": "a red circle", "attention": True, "attention_words": "square"},
+         "attention_words 'square' is not a word of the prompt (its words: a, red, circle)"),
     ],
 )
 def test_bad_input_is_422(server, body, message):
     r = generate(server, **body)
     assert r.status_code == 422, r.text
     assert message in r.json()["detail"]
+
+
+def test_attention_map_of_a_word_with_every_step_pixels_unchanged(server):
+    """attention + attention_words: each step's event carries the word's heat map (a PNG over the frame); without
+    them the events have none, and the final picture is the same either way."""
+    from PIL import Image
+
+    body = dict(prompt="a red circle", steps=3, seed=5)
+    watched = events(generate(server, **body, attention=True, attention_words="circle").iter_lines())
+    plain = events(generate(server, **body).iter_lines())
+    assert len(watched) == len(plain) == 5 and watched[-1] == plain[-1] == "[DONE]"
+    for e in watched[:3]:
+        assert list(e["attention"]) == ["circle"]
+        heat = Image.open(io.BytesIO(base64.b64decode(e["attention"]["circle"], validate=True)))
+        assert heat.format == "PNG" and heat.mode == "RGB" and heat.size[0] > 1
+    assert len({e["attention"]["circle"] for e in watched[:3]}) == 3  # a map per step, not one repeated
+    assert not any("attention" in e for e in plain[:4])
+    assert watched[3]["png"] == plain[3]["png"] and watched[3]["done"]
+
+
+def test_attention_needs_no_run_folder_and_a_flux_model_is_refused_in_one_line():
+    """The server's run (no folder) may ask for maps; a denoiser without UNet cross-attention is a 422 in API
+    names (the worker answers BadInput with 422 and api_message)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sdstream import BadInput, GenerationRequest
+    from sdstream.record.attention import attention_maps, check_request
+    from sdstream.serve.schema import api_message
+    from sdstream.serve.worker import Stream
+
+    req = GenerationRequest(model="tiny", prompt="a red circle", attention=True).validated()
+    check_request(req, [Stream(None, None)])  # no BadInput: the stream takes the heat maps
+    pipe = type("FluxPipeline", (), {})()
+    pipe.transformer = type("FluxTransformer2DModel", (torch.nn.Module,), {})()
+    with pytest.raises(BadInput) as refused:
+        attention_maps(req, SimpleNamespace(pipe=pipe), [Stream(None, None)])
+    message = api_message(str(refused.value))
+    assert message.startswith("attention records a UNet's cross-attention; a FluxPipeline's denoiser is a "
+                              "FluxTransformer2DModel (joint attention)") and "\n" not in message
 
 
 def test_pictures_decoded_strictly_and_bounded(server):

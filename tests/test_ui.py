@@ -25,6 +25,7 @@ import test_serve
 
 httpx = pytest.importorskip("httpx")
 server = test_serve.server  # its module fixture: a real `sdstream serve --preload tiny --max-queue 1` on a free port
+serving = test_serve.serving  # (the one server is made by)
 
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = Path("/tmp/ui-shots")
@@ -202,7 +203,7 @@ def test_form_is_made_from_the_options(page, server):
     assert fields["noise_mask_type"]["group"] == "Noise injection" and fields["eta"]["group"] == "Generation"
     # dependent fields: off while their partner is unset, and never sent without it
     off = {api for api, f in fields.items() if f["disabled"]}
-    assert off == {"image_weight", "strength", "start_step", "inject_at_step", "noise_strength"}
+    assert off == {"image_weight", "strength", "start_step", "inject_at_step", "noise_strength", "attention_words"}
     assert run_js(page, "sdstream.body()") == {"model": "tiny"}
     run_js(page, """(() => {
         const set = (id, v) => { const e = document.getElementById(id); e.value = v;
@@ -211,7 +212,8 @@ def test_form_is_made_from_the_options(page, server):
         set("inject_at_step", "3, 5"); set("seed", "18446744073709551615"); set("steps", "8");
     })()""")
     off = run_js(page, "[...document.querySelectorAll('#form .field.off')].map((f) => f.dataset.api)")
-    assert set(off) == {"image_weight", "strength", "start_step", "eta", "frame_source", "frames_every"}
+    assert set(off) == {"image_weight", "strength", "start_step", "eta", "frame_source", "frames_every",
+                        "attention_words"}
     sent = run_js(page, "sdstream.serialize()")
     assert json.loads(sent) == {"model": "tiny", "steps": 8, "scheduler": "euler", "seed": 2**64 - 1,
                                 "noise_mask_type": "circle", "inject_at_step": [3, 5], "preview": "none"}
@@ -357,3 +359,39 @@ def test_stop_cancels_the_run(page, server, shots):
     while httpx.get(server + "/health").json()["queue"]["cancelled"] == cancelled:
         assert time.monotonic() < deadline, "stopping did not cancel the run on the server"
         time.sleep(0.1)
+
+
+def test_attention_map_beside_the_frame_live(page, server, shots):
+    """attention + attention_words: while the run goes, the word's heat map of the step shown stands beside the
+    frame (a square of its own, to its right); a pinned thumbnail shows its own step's map; a run without none."""
+    query = "?prompt=a%20red%20circle&model=tiny&steps=500&width=64&height=64&seed=1&attention=1&attention_words=circle"
+    open_ui(page, server, query)
+    assert run_js(page, "sdstream.body()") == {"model": "tiny", "prompt": "a red circle", "steps": 500, "width": 64,
+                                               "height": 64, "seed": 1, "attention": True, "attention_words": "circle"}
+    run_js(page, "$('go').click()")
+    wait_for(page, "$('strip').children.length >= 2 && document.querySelector('#stage .heatmap img')?.naturalWidth > 0")
+    live = run_js(page, """(() => {
+        const box = (e) => e.getBoundingClientRect(), h = document.querySelector("#stage .heatmap");
+        const f = box($("frame")), m = box(h);
+        return {state: document.body.dataset.state, words: [...document.querySelectorAll("#stage .heatmap")].length,
+                word: h.dataset.word, caption: h.querySelector("figcaption").textContent,
+                src: h.querySelector("img").src, beside: m.left >= f.right - 1 && Math.abs(m.top - f.top) < 2,
+                square: Math.abs(m.width - f.width) < 2 && Math.abs(m.height - f.height) < 2 && f.width > 100};
+    })()""")
+    assert live["state"] == "running", shown(page)
+    assert live["words"] == 1 and live["word"] == "circle" and live["caption"] == "attention to “circle”"
+    assert live["src"].startswith("data:image/png;base64,") and live["beside"] and live["square"], live
+    screenshot(page, shots, "ui-attention-1200x900.png")
+    shutil.copy(shots / "ui-attention-1200x900.png", "/tmp/ui-attention.png")
+    run_js(page, "$('stop').click()")
+    wait_for(page, "document.body.dataset.state === 'idle'")
+    # a thumbnail pinned: its own step's map
+    run_js(page, "document.querySelectorAll('#strip .thumb')[0].click()")
+    first = run_js(page, "sdstream.state.shown.frames[0].heat.circle")
+    assert run_js(page, "document.querySelector('#stage .heatmap img').src") == first
+    # without attention: no map beside the frame
+    run_js(page, "sdstream.state.controls.attention.set(false); sdstream.state.controls.steps.set('2');"
+                 "$('go').click()")
+    wait_for(page, "document.body.dataset.state === 'done'")
+    assert run_js(page, "[$('stage').querySelectorAll('.heatmap').length, $('stage').classList.contains('heat')]") == [
+        0, False]

@@ -7,6 +7,8 @@
 
 core/attention.py records the maps on the device; this sink merges token positions into words (on the device too)
 and hands each step's maps and heat maps to the run folder's writer, whose copy to the host does not block the loop.
+It also puts the step's heat maps on the Step (`heat`) for the sinks after it: the server's stream sends them with
+the step's event. A run without a folder (the server's) needs a sink that reads them (`heat_maps = True`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def check_request(req, sinks) -> None:
     if req.compile:
         raise BadInput("--attention records through the UNet's attention processors, which a compiled UNet does not "
                        "call; drop --compile or --attention")
-    if not any(isinstance(sink, RunFolder) for sink in sinks):
+    if not any(isinstance(sink, RunFolder) or getattr(sink, "heat_maps", False) for sink in sinks):
         raise BadInput("--attention writes its maps into a run folder: use sdstream.run() or `sdstream generate` "
                        "(sdstream.generate() writes no files)")
 
@@ -75,7 +77,7 @@ def attention_maps(req, ready, sinks, continuation=None) -> list:
     schedule = sorted([(1, base.prompt), *changes], key=lambda c: c[0])
     first = continuation.at if continuation else req.first_step  # (a branch records its own steps only)
     schedule = [c for c, after in zip(schedule, [*schedule[1:], (math.inf, "")]) if after[0] > first]
-    folder = next(sink for sink in sinks if isinstance(sink, RunFolder))
+    folder = next((sink for sink in sinks if isinstance(sink, RunFolder)), None)  # None: the heat maps alone
     grid = (ready.height // pipe.vae_scale_factor, ready.width // pipe.vae_scale_factor)
     return [AttentionMaps(denoiser, folder, prompts_of(pipe.tokenizer, schedule, req.attention_words),
                           pipe.tokenizer.model_max_length, pipe._execution_device, grid, note=_note(base))]
@@ -133,7 +135,9 @@ def _folder(key: str, taken: set[str]) -> str:
 class AttentionMaps(Sink):
     """Each step's maps into FOLDER (a RunFolder, started before this sink; anything with its annotate() and
     write()): the tensors every step, the heat maps on the steps that have a frame (every step without previews).
-    UNET is the denoiser, DEVICE where it runs, GRID the latent grid (h, w), TOKENS the text encoder's length."""
+    The heat maps also go on the Step as `heat` (word -> uint8 [H, W, 3] on the device) for the sinks after this
+    one; with FOLDER None that is all it does. UNET is the denoiser, DEVICE where it runs, GRID the latent grid
+    (h, w), TOKENS the text encoder's length."""
 
     def __init__(self, unet, folder, prompts: list[Prompt], tokens: int, device, grid: tuple[int, int],
                  note: str | None = None):
@@ -159,6 +163,8 @@ class AttentionMaps(Sink):
         self.size = frame_size(info.request.frame_size, info.width, info.height)  # (frames without a picture)
         self.every_step = info.preview == "none"
         self.encode = picture_encoder("png", self.size)
+        if self.folder is None:
+            return
         self.folder.annotate(ATTENTION, {
             "tokens": self.prompts[0].keys,
             "prompts": [{"from_step": p.from_step, "prompt": p.text, "tokens": p.keys} for p in self.prompts],
@@ -177,15 +183,18 @@ class AttentionMaps(Sink):
         if maps is None:
             return
         prompt, words = self.prompt(ev.step), self.words(ev.step, maps)
-        meta = {"step": str(ev.step), "timestep": str(ev.timestep), "tokens": json.dumps(prompt.keys),
-                "prompt": prompt.text}
-        self.folder.write(f"{ATTENTION}/step-{ev.step:04d}.safetensors", {"maps": words.to(torch.float16)},
-                          partial(_safetensors, meta=meta), ev.step)
+        if self.folder is not None:
+            meta = {"step": str(ev.step), "timestep": str(ev.timestep), "tokens": json.dumps(prompt.keys),
+                    "prompt": prompt.text}
+            self.folder.write(f"{ATTENTION}/step-{ev.step:04d}.safetensors", {"maps": words.to(torch.float16)},
+                              partial(_safetensors, meta=meta), ev.step)
         if prompt.drawn and (step.picture is not None or self.every_step):
             frames = heat_frames(torch.stack([words[row] for row, _ in prompt.drawn]), step.picture, self.size,
                                  self.colours)
-            for (_, folder), frame in zip(prompt.drawn, frames):
-                self.folder.write(f"{folder}step-{ev.step:04d}.png", frame, self.encode, ev.step)
+            step.heat = {prompt.keys[row]: frame for (row, _), frame in zip(prompt.drawn, frames)}
+            if self.folder is not None:
+                for (_, folder), frame in zip(prompt.drawn, frames):
+                    self.folder.write(f"{folder}step-{ev.step:04d}.png", frame, self.encode, ev.step)
 
     def prompt(self, step: int) -> Prompt:
         """The prompt in force at STEP."""

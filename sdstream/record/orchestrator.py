@@ -79,11 +79,13 @@ def run(req, sinks: Sequence = (), *, inputs: Inputs | None = None,
     request that names a parent run) makes the run continue another (record/continuation.py)."""
     from .attention import attention_maps, check_request, recording
     from .continuation import branch_of
+    from .rundir import RunFolder
 
     req = req.validated()
     if continuation is None and req.parent is not None:
         continuation = branch_of(req)
-    sinks = [Measures(), NanCheck(), *(as_sink(s) for s in sinks)]
+    own = [Measures(), NanCheck()]  # the orchestrator's own sinks, first
+    sinks = [*own, *(as_sink(s) for s in sinks)]
     check_request(req, sinks)  # --attention's checks that need no model
     inputs = inputs if inputs is not None else load_inputs(req)
     source = check_available(req)
@@ -99,7 +101,9 @@ def run(req, sinks: Sequence = (), *, inputs: Inputs | None = None,
         interrupts.raise_if_pending()  # a Ctrl-C that an import or a load swallowed
         req = ready.request
         maps = attention_maps(req, ready, sinks, continuation)  # --attention: [its sink], or BadInput now, or []
-        sinks += maps
+        # after the folder it writes into (or the orchestrator's own sinks), before the sinks that read its heat maps
+        at = next((i + 1 for i, sink in enumerate(sinks) if isinstance(sink, RunFolder)), len(own))
+        sinks[at:at] = maps
         info = _info(req, source, ready, time.perf_counter() - started, continuation)
         for sink in sinks:
             sink.start(info)

@@ -50,6 +50,7 @@ class Step:
     event: object  # core.loop.StepEvent
     picture: object | None = None  # uint8 (H, W, 3) tensor on the model's device, on steps that get a frame
     frame: Path | None = None  # where the run folder writes it
+    heat: dict | None = None  # --attention's heat maps of the step (word -> uint8 (H, W, 3)), from its sink
 
     def to_dict(self) -> dict:
         ev = self.event

@@ -44,9 +44,11 @@ class Job:
 
 class Stream(Sink):
     """A run's events as the original service's SSE payloads: a JPEG of the frame with each step, then the
-    final image (JPEG and PNG). The step fields are the shared ones of `--json` (Step.to_dict)."""
+    final image (JPEG and PNG). The step fields are the shared ones of `--json` (Step.to_dict). With `attention`,
+    a step with a frame also carries `attention`: word -> a PNG of its heat map over the frame (attention's sink)."""
 
     pictures = True
+    heat_maps = True  # a run with --attention needs no run folder: its heat maps come here
 
     def __init__(self, job: Job, limits: Limits):
         self.job, self.limits = job, limits
@@ -61,6 +63,8 @@ class Stream(Sink):
         if step.picture is not None:
             picture = _b64(_frame(step.picture, self.size), "JPEG")
         data = {k: v for k, v in step.to_dict().items() if k not in ("event", "frame")}
+        if step.heat is not None:  # (at the frame's own size, as decoded: the page scales it beside the frame)
+            data["attention"] = {word: _b64(_frame(heat, None), "PNG") for word, heat in step.heat.items()}
         self.job.push(("event", {**data, "image": picture, "done": False, "model": self.model}))
 
     def finish(self, info, outcome) -> None:
@@ -155,12 +159,12 @@ class Worker:
         run(job.req, [*sinks, Stream(job, self.limits)], inputs=job.inputs, cancelled=job.cancel.is_set)
 
 
-def _frame(picture, size: tuple[int, int]):
-    """A preview tensor (uint8 H, W, 3 on the device) as a PIL image at the output size."""
+def _frame(picture, size: tuple[int, int] | None):
+    """A preview tensor (uint8 H, W, 3 on the device) as a PIL image at the output size (SIZE; None: its own)."""
     from PIL import Image
 
     image = Image.fromarray(picture.cpu().numpy())
-    return image if image.size == size else image.resize(size, Image.Resampling.BILINEAR)
+    return image if size is None or image.size == size else image.resize(size, Image.Resampling.BILINEAR)
 
 
 def _b64(image, fmt: str) -> str:
