@@ -7,6 +7,7 @@ order and each leaves no generation behind; the last that uses it stops it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -263,6 +264,23 @@ def test_upload_size_is_the_set_one(server):
     assert r.status_code == 422 and "over this server's limit of 1000" in r.json()["detail"]
 
 
+@contextlib.contextmanager
+def one_running_one_waiting(url: str, long_run: dict, wait):
+    """LONG_RUN streaming (its first two events read), then WAIT (a function that sends another request) in a
+    thread; yields that thread once the server's line holds WAIT's request. Leaving closes the long run's stream."""
+    with httpx.Client(timeout=120) as client, client.stream("POST", url + "/generate", json=long_run) as running:
+        assert running.status_code == 200
+        lines = running.iter_lines()
+        assert len(events(next(lines) for _ in range(4))) == 2  # two events (each line + blank line)
+        waiting = threading.Thread(target=wait)
+        waiting.start()
+        deadline = time.monotonic() + 30
+        while health(url)["waiting"] < 1:
+            assert time.monotonic() < deadline, "the second request never reached the queue"
+            time.sleep(0.05)
+        yield waiting
+
+
 def test_queue_limit_and_cancel_on_disconnect(server):
     """One runs, one waits (--max-queue 1), a third gets 503; closing the running stream cancels it."""
     before = health(server)
@@ -273,16 +291,7 @@ def test_queue_limit_and_cancel_on_disconnect(server):
 
     # A: long and large enough that it cannot finish on its own while the client reads nothing
     long_run = {"model": "tiny", "steps": 500, "width": 128, "height": 128, "seed": 1}
-    with httpx.Client(timeout=120) as client, client.stream("POST", server + "/generate", json=long_run) as a:
-        assert a.status_code == 200
-        lines = a.iter_lines()
-        assert len(events(next(lines) for _ in range(4))) == 2  # two events (each line + blank line)
-        b = threading.Thread(target=queued)
-        b.start()
-        deadline = time.monotonic() + 30
-        while health(server)["waiting"] < 1:
-            assert time.monotonic() < deadline, "the second request never reached the queue"
-            time.sleep(0.1)
+    with one_running_one_waiting(server, long_run, queued) as b:
         c = generate(server, steps=4)
         assert c.status_code == 503 and "busy" in c.json()["detail"]
         assert health(server)["running"] is True
@@ -321,16 +330,7 @@ def test_the_server_leaves_no_temporary_files(serving):
 
     long_run = {"model": "tiny", "steps": 500, "seed": 1, "init_image": png_b64(), "strength": 1.0,
                 "noise_mask_type": "circle", "inject_at_step": 100}
-    with httpx.Client(timeout=30) as client, client.stream("POST", url + "/generate", json=long_run) as running:
-        assert running.status_code == 200
-        lines = running.iter_lines()
-        assert len(events(next(lines) for _ in range(4))) == 2
-        second = threading.Thread(target=waiting)
-        second.start()
-        deadline = time.monotonic() + 30
-        while health(url)["waiting"] < 1:
-            assert time.monotonic() < deadline, "the second request never reached the queue"
-            time.sleep(0.05)
+    with one_running_one_waiting(url, long_run, waiting) as second:
         proc.terminate()  # one run going, one waiting; then the running one's client leaves
     second.join(40)
     assert not second.is_alive() and "status" in waited
